@@ -1,0 +1,95 @@
+//! Load-balancing policies. Each is a pure pick over an endpoint set, built once per table
+//! generation; the pick itself touches only atomics.
+
+pub mod maglev;
+pub mod p2c;
+pub mod random;
+pub mod ring_hash;
+pub mod round_robin;
+
+use crate::table::spec::Policy;
+
+/// What a policy needs to know about one endpoint.
+pub trait Load {
+    /// Relative weight.
+    fn weight(&self) -> u32;
+    /// Requests in flight.
+    fn in_flight(&self) -> u32;
+    /// Peak-EWMA cost (latency x load).
+    fn peak_ewma_cost(&self) -> f64;
+    /// Stable identity used to place the endpoint on a hash ring.
+    fn hash_id(&self) -> u64;
+}
+
+/// A compiled policy over a fixed endpoint list.
+#[derive(Debug)]
+pub enum Balancer {
+    /// Smooth weighted round robin.
+    RoundRobin(round_robin::Schedule),
+    /// Weighted random.
+    Random(random::WeightedRandom),
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Power of two choices on peak-EWMA cost.
+    PeakEwma,
+    /// Ketama ring.
+    RingHash(ring_hash::Ring),
+    /// Maglev lookup table.
+    Maglev(maglev::Maglev),
+}
+
+impl Balancer {
+    /// Builds the policy's structures for these endpoints.
+    pub fn new<E: Load>(policy: Policy, endpoints: &[E]) -> Self {
+        let weights: Vec<u32> = endpoints.iter().map(Load::weight).collect();
+        match policy {
+            Policy::RoundRobin => Self::RoundRobin(round_robin::Schedule::new(&weights)),
+            Policy::Random => Self::Random(random::WeightedRandom::new(&weights)),
+            Policy::LeastRequest => Self::LeastRequest,
+            Policy::PeakEwma => Self::PeakEwma,
+            Policy::RingHash => Self::RingHash(ring_hash::Ring::new(endpoints)),
+            Policy::Maglev => Self::Maglev(maglev::Maglev::new(endpoints)),
+        }
+    }
+
+    /// Picks an endpoint index; `None` only for an empty set. `hash` is the request's
+    /// affinity key for the hashing policies; without one they pick at random.
+    pub fn pick<E: Load>(&self, endpoints: &[E], hash: Option<u64>) -> Option<usize> {
+        if endpoints.is_empty() {
+            return None;
+        }
+        match self {
+            Self::RoundRobin(s) => s.pick(),
+            Self::Random(w) => w.pick(),
+            // Weight 0 makes the cost infinite: such an endpoint wins only against another.
+            Self::LeastRequest => Some(p2c::pick(endpoints, |e| {
+                f64::from(e.in_flight() + 1) / f64::from(e.weight())
+            })),
+            Self::PeakEwma => Some(p2c::pick(endpoints, |e| {
+                e.peak_ewma_cost() / f64::from(e.weight())
+            })),
+            Self::RingHash(r) => match hash {
+                Some(h) => r.pick(h),
+                None => Some(fastrand::usize(..endpoints.len())),
+            },
+            Self::Maglev(m) => match hash {
+                Some(h) => m.pick(h),
+                None => Some(fastrand::usize(..endpoints.len())),
+            },
+        }
+    }
+
+    /// Whether this policy uses a request hash key.
+    pub fn wants_hash(&self) -> bool {
+        matches!(self, Self::RingHash(_) | Self::Maglev(_))
+    }
+}
+
+/// Greatest common divisor, for normalizing weights.
+pub(crate) fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}

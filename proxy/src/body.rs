@@ -1,0 +1,179 @@
+//! The response body type, and the accounting done when a response finishes.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::endpoint::InFlight;
+use crate::metrics::TargetMetrics;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// A response body: streamed from upstream, or produced by Strait.
+#[derive(Debug)]
+pub enum ProxyBody {
+    /// Streamed from the upstream without buffering.
+    Upstream(Incoming),
+    /// A complete body (direct responses, errors).
+    Full(Option<Bytes>),
+}
+
+impl ProxyBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        Self::Full(None)
+    }
+}
+
+impl From<Bytes> for ProxyBody {
+    fn from(b: Bytes) -> Self {
+        Self::Full((!b.is_empty()).then_some(b))
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Upstream(b) => b.is_end_stream(),
+            Self::Full(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::Upstream(b) => b.size_hint(),
+            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+        }
+    }
+}
+
+/// What is recorded when a request finishes: metrics, the access log line, and the end of
+/// the endpoint's in-flight count. Runs on drop, so a client that goes away mid-body is
+/// still counted.
+#[derive(Debug)]
+pub struct Completion {
+    /// When the request arrived.
+    pub start: Instant,
+    /// Method.
+    pub method: Method,
+    /// Host as sent by the client.
+    pub host: Option<HeaderValue>,
+    /// Original URI.
+    pub uri: Uri,
+    /// Final status.
+    pub status: StatusCode,
+    /// Endpoint that served it.
+    pub upstream: Option<SocketAddr>,
+    /// Request id.
+    pub request_id: HeaderValue,
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// Metrics handles of the route and backend.
+    pub metrics: Arc<TargetMetrics>,
+    /// Whether to write an access log line.
+    pub access_log: bool,
+    /// The endpoint's in-flight slot, released at the end.
+    pub in_flight: Option<InFlight>,
+    /// Response body bytes sent.
+    pub bytes: u64,
+}
+
+impl Drop for Completion {
+    fn drop(&mut self) {
+        let elapsed = self.start.elapsed();
+        self.metrics.record(self.status, elapsed.as_secs_f64());
+        if self.access_log {
+            let host = self
+                .host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("-");
+            let upstream = self.upstream.map(tracing::field::display);
+            tracing::info!(
+                target: "strait::access",
+                listener = &*self.listener,
+                method = %self.method,
+                host,
+                path = self.uri.path(),
+                status = self.status.as_u16(),
+                duration_ms = elapsed.as_secs_f64() * 1e3,
+                upstream,
+                bytes = self.bytes,
+                request_id = self.request_id.to_str().unwrap_or("-"),
+            );
+        }
+    }
+}
+
+/// A response body that counts bytes and finishes a [`Completion`] when done or dropped.
+#[derive(Debug)]
+pub struct ObservedBody {
+    inner: ProxyBody,
+    done: Option<Completion>,
+}
+
+impl ObservedBody {
+    /// A body with nothing to record (responses outside any route, e.g. after a panic).
+    pub fn bare(inner: ProxyBody) -> Self {
+        Self { inner, done: None }
+    }
+
+    /// Wraps a body.
+    pub fn new(inner: ProxyBody, done: Completion) -> Self {
+        Self {
+            inner,
+            done: Some(done),
+        }
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(f))) => {
+                if let (Some(d), Some(data)) = (this.done.as_mut(), f.data_ref()) {
+                    d.bytes += data.len() as u64;
+                }
+            }
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.done.take();
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,90 @@
+//! The proxy's error type: classified once into a status code and an error code header.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderValue, StatusCode};
+
+/// Response header naming why Strait itself answered with an error.
+pub const ERROR_HEADER: &str = "x-strait-error";
+
+/// Why a request could not be proxied.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// No route matched and the listener has no default route.
+    #[error("no route for host {host:?} and path {path:?}")]
+    NoRoute {
+        /// Request host.
+        host: String,
+        /// Request path.
+        path: String,
+    },
+    /// The backend has no endpoint to send to.
+    #[error("backend {0:?} has no endpoints")]
+    NoEndpoints(Arc<str>),
+    /// The TCP connection to the endpoint failed.
+    #[error("connect to {addr} failed: {reason}")]
+    Connect {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Root cause.
+        reason: String,
+    },
+    /// The TCP connection to the endpoint did not complete in time.
+    #[error("connect to {addr} timed out")]
+    ConnectTimeout {
+        /// Endpoint.
+        addr: SocketAddr,
+    },
+    /// The upstream's response headers did not arrive within the route timeout.
+    #[error("upstream {addr} sent no response within {timeout:?}")]
+    Timeout {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// The route timeout.
+        timeout: Duration,
+    },
+    /// The upstream failed after the connection was made (reset, protocol error).
+    #[error("upstream {addr} failed: {reason}")]
+    Upstream {
+        /// Endpoint.
+        addr: SocketAddr,
+        /// Root cause.
+        reason: String,
+    },
+    /// A bug: the request handler panicked.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ProxyError {
+    /// The status code sent downstream.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::NoRoute { .. } => StatusCode::NOT_FOUND,
+            Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
+            Self::ConnectTimeout { .. } | Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The value of the `x-strait-error` header: a stable code for dashboards and clients.
+    pub fn code(&self) -> HeaderValue {
+        HeaderValue::from_static(match self {
+            Self::NoRoute { .. } => "no-route",
+            Self::NoEndpoints(_) => "no-endpoints",
+            Self::Connect { .. } => "connect-failed",
+            Self::ConnectTimeout { .. } => "connect-timeout",
+            Self::Timeout { .. } => "upstream-timeout",
+            Self::Upstream { .. } => "upstream-failed",
+            Self::Internal => "internal",
+        })
+    }
+
+    /// Whether the endpoint never got the request (so trying another one would be safe).
+    pub fn is_connect_failure(&self) -> bool {
+        matches!(self, Self::Connect { .. } | Self::ConnectTimeout { .. })
+    }
+}

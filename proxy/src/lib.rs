@@ -1,0 +1,16 @@
+//! Strait's data plane: the routing table and its compiler, balancers, the HTTP proxy,
+//! listeners, admin endpoints and metrics. It has no Kubernetes dependency: sources in
+//! `strait-control` produce a [`table::spec::Spec`] and publish compiled tables here.
+
+pub mod admin;
+pub mod balancer;
+pub mod body;
+pub mod endpoint;
+pub mod error;
+pub mod headers;
+pub mod listener;
+pub mod metrics;
+pub mod router;
+pub mod service;
+pub mod table;
+pub mod upstream;

@@ -1,0 +1,235 @@
+//! Downstream listeners: accept loop, connection limit, per-connection idle timeout and
+//! graceful drain.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, Sleep};
+
+use crate::service::{handle, ConnContext};
+use crate::table::spec::LimitsSpec;
+use crate::table::TableHandle;
+
+/// Everything a listener needs besides the socket.
+#[derive(Debug, Clone)]
+pub struct ListenerContext {
+    /// Listener name, as in the table.
+    pub name: Arc<str>,
+    /// The table in force.
+    pub table: TableHandle,
+    /// Downstream limits.
+    pub limits: LimitsSpec,
+}
+
+/// Serves HTTP/1.1 and h2c on an already-bound listener until `shutdown` resolves, then stops
+/// accepting, asks every open connection to finish (HTTP/1.1 closes after the response in
+/// progress, HTTP/2 sends GOAWAY) and returns once they have. Callers bound the wait with
+/// their drain timeout.
+pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Future<Output = ()>) {
+    let index = {
+        let guard = cx.table.load();
+        guard.as_ref().and_then(|t| t.listener_index(&cx.name))
+    };
+    let Some(index) = index else {
+        tracing::error!(
+            listener = &*cx.name,
+            "listener is not in the routing table; not serving"
+        );
+        return;
+    };
+    let limits = cx.limits.clone();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request_header_bytes)
+        .max_headers(limits.max_request_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Duration::from_secs(30));
+    let builder = Arc::new(builder);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let labels = [("listener", cx.name.to_string())];
+    let active = metrics::gauge!(crate::metrics::DOWNSTREAM_CONNECTIONS, &labels);
+    let accepted = metrics::counter!(crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL, &labels);
+
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let (stream, client) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(listener = &*cx.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        accepted.increment(1);
+        let conn_cx = Arc::new(ConnContext {
+            table: cx.table.clone(),
+            listener: index,
+            listener_name: Arc::clone(&cx.name),
+            client,
+            client_ip: crate::headers::ip_header_value(client.ip()),
+        });
+        let service = service_fn(move |req| handle(Arc::clone(&conn_cx), req));
+        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
+        let conn = builder
+            .serve_connection_with_upgrades(io, service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        let active = active.clone();
+        let name = Arc::clone(&cx.name);
+        tokio::spawn(async move {
+            active.increment(1.0);
+            if let Err(e) = conn.await {
+                tracing::debug!(listener = &*name, %client, error = %e, "connection ended with an error");
+            }
+            active.decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!(
+        listener = &*cx.name,
+        open = graceful.count(),
+        "draining connections"
+    );
+    graceful.shutdown().await;
+}
+
+/// Binds a listener address, with an error that names it.
+pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
+    let parsed: SocketAddr = addr.parse().map_err(|_| BindError {
+        address: addr.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidInput, "not an ip:port address"),
+    })?;
+    TcpListener::bind(parsed).await.map_err(|source| BindError {
+        address: addr.to_owned(),
+        source,
+    })
+}
+
+/// A listener address could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {address}: {source}")]
+pub struct BindError {
+    /// The address.
+    pub address: String,
+    /// Why.
+    #[source]
+    pub source: io::Error,
+}
+
+/// Closes a connection on which no byte moved for `idle`. The timer is checked only when a
+/// read would block, and re-armed lazily, so busy connections pay one clock read per I/O.
+struct IdleTimeout {
+    io: TcpStream,
+    idle: Duration,
+    last: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl IdleTimeout {
+    fn new(io: TcpStream, idle: Duration) -> Self {
+        Self {
+            io,
+            idle,
+            last: Instant::now(),
+            timer: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        loop {
+            ready!(self.timer.as_mut().poll(cx));
+            let deadline = self.last + self.idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle timeout",
+                ));
+            }
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+}
+
+impl AsyncRead for IdleTimeout {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(r) => {
+                this.last = Instant::now();
+                Poll::Ready(r)
+            }
+            Poll::Pending => this.poll_idle(cx).map(Err),
+        }
+    }
+}
+
+impl AsyncWrite for IdleTimeout {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = ready!(Pin::new(&mut this.io).poll_write(cx, buf));
+        this.last = Instant::now();
+        Poll::Ready(r)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs));
+        this.last = Instant::now();
+        Poll::Ready(r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}

@@ -1,0 +1,111 @@
+//! Every metric Strait exports: names and descriptions in one place, and the per-route
+//! handles that the request path increments without building label sets.
+
+use http::StatusCode;
+use metrics::{Counter, Histogram};
+
+/// Requests by listener, route, backend and status class.
+pub const REQUESTS: &str = "strait_requests_total";
+/// Request duration from first byte in to last byte out, by listener, route and backend.
+pub const REQUEST_DURATION: &str = "strait_request_duration_seconds";
+/// Failed TCP connects to upstream endpoints, by backend.
+pub const UPSTREAM_CONNECT_FAILURES: &str = "strait_upstream_connect_failures_total";
+/// Open downstream connections, by listener.
+pub const DOWNSTREAM_CONNECTIONS: &str = "strait_downstream_connections_active";
+/// Downstream connections accepted, by listener.
+pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "strait_downstream_connections_total";
+/// Endpoints per backend in the table in force.
+pub const BACKEND_ENDPOINTS: &str = "strait_backend_endpoints";
+/// Generation number of the table in force.
+pub const TABLE_GENERATION: &str = "strait_table_generation";
+/// Configuration loads, by result (`success`, `failure`).
+pub const CONFIG_RELOADS: &str = "strait_config_reloads_total";
+/// Requests whose handler panicked (answered 500; the process keeps running).
+pub const HANDLER_PANICS: &str = "strait_handler_panics_total";
+
+/// Histogram buckets for request durations, in seconds.
+pub const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// Registers every description with the installed recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        REQUESTS,
+        "Requests by listener, route, backend and status class."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Request duration, first byte in to last byte out."
+    );
+    describe_counter!(
+        UPSTREAM_CONNECT_FAILURES,
+        "Failed TCP connects to upstream endpoints."
+    );
+    describe_gauge!(DOWNSTREAM_CONNECTIONS, "Open downstream connections.");
+    describe_counter!(
+        DOWNSTREAM_CONNECTIONS_TOTAL,
+        "Downstream connections accepted."
+    );
+    describe_gauge!(
+        BACKEND_ENDPOINTS,
+        "Endpoints per backend in the table in force."
+    );
+    describe_gauge!(
+        TABLE_GENERATION,
+        "Generation number of the routing table in force."
+    );
+    describe_counter!(CONFIG_RELOADS, "Configuration loads by result.");
+    describe_counter!(HANDLER_PANICS, "Requests whose handler panicked.");
+}
+
+/// Handles for one (listener, route, backend) triple, created when the table is compiled.
+#[derive(Debug)]
+pub struct TargetMetrics {
+    by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl TargetMetrics {
+    /// Registers the series for this triple. `backend` is empty for routes that answer
+    /// themselves (redirects, direct responses, 404s).
+    pub fn new(listener: &str, route: &str, backend: &str) -> Self {
+        let labels = [
+            ("listener", listener.to_owned()),
+            ("route", route.to_owned()),
+            ("backend", backend.to_owned()),
+        ];
+        let class = |c: &'static str| {
+            let mut l: Vec<(&'static str, String)> = labels.to_vec();
+            l.push(("class", c.to_owned()));
+            metrics::counter!(REQUESTS, &l)
+        };
+        Self {
+            by_class: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: metrics::histogram!(REQUEST_DURATION, &labels),
+        }
+    }
+
+    /// Handles that record nothing (dry-run compiles).
+    pub fn noop() -> Self {
+        Self {
+            by_class: std::array::from_fn(|_| Counter::noop()),
+            duration: Histogram::noop(),
+        }
+    }
+
+    /// Counts one finished request.
+    pub fn record(&self, status: StatusCode, seconds: f64) {
+        let i = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[i].increment(1);
+        self.duration.record(seconds);
+    }
+}

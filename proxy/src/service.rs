@@ -1,0 +1,407 @@
+//! The request path: find the route, then answer, redirect or forward.
+//!
+//! The table guard is held only for the lookup; the request keeps an `Arc` of its route, so
+//! a table swap never changes a request already in flight and never waits for one.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::FutureExt;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::body::{Completion, ObservedBody, ProxyBody};
+use crate::error::{ProxyError, ERROR_HEADER};
+use crate::headers::{self, X_REQUEST_ID};
+use crate::router::{normalize_host, MAX_HOST_LEN};
+use crate::table::{Action, DirectResponse, Forward, HashKey, Redirect, Route, TableHandle};
+use crate::upstream::{send_http1, Upstream};
+
+/// What every request on one downstream connection shares.
+#[derive(Debug)]
+pub struct ConnContext {
+    /// The table in force.
+    pub table: TableHandle,
+    /// Index of this listener in the table.
+    pub listener: usize,
+    /// Listener name.
+    pub listener_name: Arc<str>,
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The client's IP as a header value, for `X-Forwarded-For`.
+    pub client_ip: HeaderValue,
+}
+
+/// Handles one request. Never fails: errors become responses, and a panic becomes a 500
+/// for this request only.
+pub async fn handle(
+    cx: Arc<ConnContext>,
+    req: Request<Incoming>,
+) -> Result<Response<ObservedBody>, Infallible> {
+    let version = req.version();
+    match AssertUnwindSafe(proxy(&cx, req)).catch_unwind().await {
+        Ok(resp) => Ok(resp),
+        Err(_) => {
+            metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+            tracing::error!(
+                listener = &*cx.listener_name,
+                "request handler panicked; answered 500"
+            );
+            let mut resp = error_response(&ProxyError::Internal, version);
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Ok(resp.map(ObservedBody::bare))
+        }
+    }
+}
+
+async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<ObservedBody> {
+    let start = Instant::now();
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => {
+            let v = headers::new_request_id();
+            req.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
+            v
+        }
+    };
+    let host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+
+    let (found, access_log) = {
+        let guard = cx.table.load();
+        let Some(table) = guard.as_ref() else {
+            let err = ProxyError::NoEndpoints("(no routing table yet)".into());
+            return error_response(&err, req.version()).map(ObservedBody::bare);
+        };
+        let lt = &table.listeners[cx.listener];
+        let mut buf = [0u8; MAX_HOST_LEN];
+        let h = normalize_host(
+            host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
+            &mut buf,
+        );
+        let found = match lt
+            .router
+            .find(h, req.uri().path(), req.method(), req.headers())
+        {
+            Some(route) => Ok(Arc::clone(route)),
+            None => Err(Arc::clone(&lt.unmatched)),
+        };
+        (found, table.access_log)
+    };
+
+    let mut done = Completion {
+        start,
+        method: req.method().clone(),
+        host,
+        uri: req.uri().clone(),
+        // Every normal path sets the real status; one that unwinds from a panic is a 500.
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        upstream: None,
+        request_id,
+        listener: Arc::clone(&cx.listener_name),
+        metrics: match &found {
+            Ok(route) => Arc::clone(&route.local_metrics),
+            Err(unmatched) => Arc::clone(unmatched),
+        },
+        access_log,
+        in_flight: None,
+        bytes: 0,
+    };
+
+    let route = match found {
+        Ok(route) => route,
+        Err(_) => {
+            let err = ProxyError::NoRoute {
+                host: done
+                    .host
+                    .as_ref()
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("")
+                    .to_owned(),
+                path: done.uri.path().to_owned(),
+            };
+            return finish_error(err, req.version(), done);
+        }
+    };
+
+    let mut resp = match &route.action {
+        Action::Direct(d) => direct(d, req.version()),
+        Action::Redirect(r) => redirect(r, &req),
+        Action::Forward(f) => return forward(cx, &route, f, req, done).await,
+    };
+    finish_response(&route, &mut resp, &done);
+    done.status = resp.status();
+    resp.map(|b| ObservedBody::new(b, done))
+}
+
+async fn forward(
+    cx: &ConnContext,
+    route: &Arc<Route>,
+    f: &Forward,
+    mut req: Request<Incoming>,
+    mut done: Completion,
+) -> Response<ObservedBody> {
+    let version = req.version();
+    let Some(target) = f.pick() else {
+        return finish_error(ProxyError::NoEndpoints(route.name.clone()), version, done);
+    };
+    let backend = &target.backend;
+    done.metrics = Arc::clone(&target.metrics);
+    let hash = backend
+        .hash_key
+        .as_ref()
+        .and_then(|k| request_hash(k, &req, cx.client));
+    let Some(i) = backend.balancer.pick(&backend.endpoints, hash) else {
+        return finish_error(
+            ProxyError::NoEndpoints(Arc::clone(&backend.name)),
+            version,
+            done,
+        );
+    };
+    let ep = &backend.endpoints[i];
+    done.upstream = Some(ep.addr);
+    let in_flight = ep.state.start();
+
+    let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers, upgrade);
+    headers::set_forwarded(
+        &mut parts.headers,
+        &cx.client_ip,
+        "http",
+        done.host.as_ref(),
+    );
+    if !route.request_headers.is_empty() {
+        route.request_headers.apply(&mut parts.headers);
+    }
+    let mut pq = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    if let Some((from, to)) = &route.rewrite {
+        if let Some(new) = rewrite_prefix(&pq, from, to) {
+            pq = new;
+        }
+    }
+    let authority = match &backend.upstream {
+        Upstream::Http1(_) => {
+            if !parts.headers.contains_key(header::HOST) {
+                if let Some(h) = &done.host {
+                    parts.headers.insert(header::HOST, h.clone());
+                }
+            }
+            parts.version = Version::HTTP_11;
+            ep.authority.clone()
+        }
+        Upstream::H2c { .. } => {
+            // HTTP/2 carries the host in :authority; a Host header that differs from it
+            // makes the request malformed (RFC 9113 section 8.3.1).
+            parts.headers.remove(header::HOST);
+            parts.version = Version::HTTP_2;
+            done.host
+                .as_ref()
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                .unwrap_or_else(|| ep.authority.clone())
+        }
+    };
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(authority);
+    uri.path_and_query = Some(pq);
+    parts.uri = match Uri::from_parts(uri) {
+        Ok(u) => u,
+        Err(_) => return finish_error(ProxyError::Internal, version, done),
+    };
+    let upstream_req = Request::from_parts(parts, body);
+
+    let send = async {
+        match &backend.upstream {
+            Upstream::Http1(client) => send_http1(client, ep.addr, upstream_req).await,
+            Upstream::H2c { connect_timeout } => {
+                ep.state
+                    .h2
+                    .send(ep.addr, *connect_timeout, upstream_req)
+                    .await
+            }
+        }
+    };
+    let result = match route.timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout {
+                addr: ep.addr,
+                timeout: t,
+            })),
+        None => send.await,
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.is_connect_failure() {
+                backend.connect_failures.increment(1);
+            }
+            tracing::debug!(backend = &*backend.name, error = %e, "upstream request failed");
+            return finish_error(e, version, done);
+        }
+    };
+    in_flight.record_latency();
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up = hyper::upgrade::on(&mut resp);
+            tokio::spawn(tunnel(down, up, ep.addr));
+        }
+    } else {
+        headers::remove_hop_by_hop(resp.headers_mut(), false);
+    }
+    *resp.version_mut() = version;
+    finish_response(route, &mut resp, &done);
+    done.status = resp.status();
+    done.in_flight = Some(in_flight);
+    resp.map(|b| ObservedBody::new(ProxyBody::Upstream(b), done))
+}
+
+/// Copies bytes both ways after a successful protocol switch.
+async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+    match tokio::try_join!(down, up) {
+        Ok((d, u)) => {
+            let mut d = TokioIo::new(d);
+            let mut u = TokioIo::new(u);
+            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
+            }
+        }
+        Err(e) => tracing::debug!(%addr, error = %e, "protocol upgrade failed"),
+    }
+}
+
+fn finish_response<B>(route: &Route, resp: &mut Response<B>, done: &Completion) {
+    if !route.response_headers.is_empty() {
+        route.response_headers.apply(resp.headers_mut());
+    }
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), done.request_id.clone());
+}
+
+fn finish_error(err: ProxyError, version: Version, mut done: Completion) -> Response<ObservedBody> {
+    let mut resp = error_response(&err, version);
+    resp.headers_mut()
+        .insert(X_REQUEST_ID.clone(), done.request_id.clone());
+    done.status = resp.status();
+    resp.map(|b| ObservedBody::new(b, done))
+}
+
+/// The response Strait sends for an error: status, `x-strait-error` code, and a one-line
+/// body saying why.
+pub fn error_response(err: &ProxyError, version: Version) -> Response<ProxyBody> {
+    let body = format!("strait: {}: {err}\n", err.code().to_str().unwrap_or(""));
+    let mut resp = Response::new(ProxyBody::from(bytes::Bytes::from(body)));
+    *resp.status_mut() = err.status();
+    *resp.version_mut() = version;
+    let h = resp.headers_mut();
+    h.insert(ERROR_HEADER, err.code());
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn direct(d: &DirectResponse, version: Version) -> Response<ProxyBody> {
+    let mut resp = Response::new(ProxyBody::from(d.body.clone()));
+    *resp.status_mut() = d.status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = d.headers.clone();
+    resp
+}
+
+fn redirect(r: &Redirect, req: &Request<Incoming>) -> Response<ProxyBody> {
+    let req_host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(Authority::as_str))
+        .unwrap_or("");
+    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let (host_only, req_port) = match req_host.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || req_host.starts_with('[') => (h, Some(p)),
+        _ => (req_host, None),
+    };
+    let host = r.host.as_deref().unwrap_or(host_only);
+    let mut location = format!("{scheme}://{host}");
+    match (r.port, r.host.is_some() || r.scheme.is_some(), req_port) {
+        (Some(p), _, _) => location.push_str(&format!(":{p}")),
+        (None, false, Some(p)) => location.push_str(&format!(":{p}")),
+        _ => {}
+    }
+    location.push_str(r.path.as_deref().unwrap_or(req.uri().path()));
+    if let Some(q) = req.uri().query() {
+        location.push('?');
+        location.push_str(q);
+    }
+    let mut resp = Response::new(ProxyBody::empty());
+    *resp.status_mut() = r.status;
+    *resp.version_mut() = req.version();
+    if let Ok(v) = HeaderValue::try_from(location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+fn request_hash(key: &HashKey, req: &Request<Incoming>, client: SocketAddr) -> Option<u64> {
+    use xxhash_rust::xxh3::xxh3_64;
+    match key {
+        HashKey::ClientIp => Some(match client.ip() {
+            std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
+            std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
+        }),
+        HashKey::Header(name) => req.headers().get(name).map(|v| xxh3_64(v.as_bytes())),
+        HashKey::Cookie(name) => {
+            headers::cookie(req.headers(), name).map(|v| xxh3_64(v.as_bytes()))
+        }
+    }
+}
+
+/// Replaces the matched prefix `from` (without trailing slash; empty for `/`) with `to`.
+pub fn rewrite_prefix(pq: &PathAndQuery, from: &str, to: &str) -> Option<PathAndQuery> {
+    let rest = pq.path().strip_prefix(from)?;
+    let mut s =
+        String::with_capacity(to.len() + rest.len() + pq.query().map_or(0, |q| q.len() + 1));
+    s.push_str(to.trim_end_matches('/'));
+    s.push_str(rest);
+    if !s.starts_with('/') {
+        s.insert(0, '/');
+    }
+    if let Some(q) = pq.query() {
+        s.push('?');
+        s.push_str(q);
+    }
+    PathAndQuery::try_from(s).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_rewrite_keeps_the_rest_and_query() {
+        let pq = PathAndQuery::from_static("/api/users?x=1");
+        assert_eq!(rewrite_prefix(&pq, "/api", "/").unwrap(), "/users?x=1");
+        assert_eq!(rewrite_prefix(&pq, "/api", "/v2").unwrap(), "/v2/users?x=1");
+        let pq = PathAndQuery::from_static("/api");
+        assert_eq!(rewrite_prefix(&pq, "/api", "/").unwrap(), "/");
+        let pq = PathAndQuery::from_static("/x");
+        assert_eq!(rewrite_prefix(&pq, "", "/app").unwrap(), "/app/x");
+    }
+}

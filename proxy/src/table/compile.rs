@@ -1,0 +1,667 @@
+//! Spec -> [`RouteTable`]: validation and compilation in one pass.
+//!
+//! Every problem is collected (not just the first) with the path of the offending field, e.g.
+//! `listeners[0].routes[2].forward.backend`; the control side maps paths to file positions.
+//! A dry run (no [`Registries`]) checks a configuration without touching live state or
+//! registering metrics, so a rejected reload leaves no trace.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+
+use super::spec::{
+    BackendSpec, DirectResponseSpec, ForwardSpec, HashKeySpec, HeaderOpsSpec, ListenerSpec,
+    MatchSpec, Policy, RedirectSpec, RouteSpec, Spec,
+};
+use super::{
+    Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
+    Redirect, Route, RouteTable, Target,
+};
+use crate::balancer::{round_robin::Schedule, Balancer};
+use crate::endpoint::{EndpointRegistry, EndpointState};
+use crate::metrics::TargetMetrics;
+use crate::router::{Conditions, HostMatch, PathMatch, Router};
+use crate::upstream::{ClientRegistry, Upstream};
+
+/// Route timeout when none is configured (Envoy's default too).
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest endpoint weight.
+pub const MAX_WEIGHT: u32 = 10_000;
+
+/// One problem in a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CompileError {
+    /// Dotted path of the field, e.g. `backends[1].endpoints[0]`.
+    pub path: String,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+/// Live state shared across generations.
+#[derive(Debug, Default)]
+pub struct Registries {
+    /// Endpoint state by backend and address.
+    pub endpoints: EndpointRegistry,
+    /// Pooled clients by backend and settings.
+    pub clients: ClientRegistry,
+}
+
+struct Ctx<'a> {
+    errors: Vec<CompileError>,
+    registries: Option<&'a Registries>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(CompileError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    fn metrics(&self, listener: &str, route: &str, backend: &str) -> Arc<TargetMetrics> {
+        Arc::new(if self.registries.is_some() {
+            TargetMetrics::new(listener, route, backend)
+        } else {
+            TargetMetrics::noop()
+        })
+    }
+}
+
+/// Compiles a spec. With `registries` the table shares live state and registers metrics;
+/// without, it is a dry run for validation.
+pub fn compile(
+    spec: Arc<Spec>,
+    source: &str,
+    generation: u64,
+    registries: Option<&Registries>,
+) -> Result<RouteTable, Vec<CompileError>> {
+    let mut cx = Ctx {
+        errors: Vec::new(),
+        registries,
+    };
+
+    let mut backends: HashMap<&str, Arc<Backend>> = HashMap::new();
+    let mut ordered = Vec::new();
+    for (i, b) in spec.backends.iter().enumerate() {
+        let path = format!("backends[{i}]");
+        if backends.contains_key(b.name.as_str()) {
+            cx.err(
+                format!("{path}.name"),
+                format!("duplicate backend name {:?}", b.name),
+            );
+            continue;
+        }
+        if let Some(backend) = compile_backend(&mut cx, &path, b) {
+            let backend = Arc::new(backend);
+            backends.insert(&b.name, Arc::clone(&backend));
+            ordered.push(backend);
+        }
+    }
+
+    let mut names = HashSet::new();
+    let mut addresses = HashSet::new();
+    let mut listeners = Vec::new();
+    for (i, l) in spec.listeners.iter().enumerate() {
+        let path = format!("listeners[{i}]");
+        if l.name.is_empty() {
+            cx.err(format!("{path}.name"), "listener name must not be empty");
+        } else if !names.insert(l.name.as_str()) {
+            cx.err(
+                format!("{path}.name"),
+                format!("duplicate listener name {:?}", l.name),
+            );
+        }
+        match l.address.parse::<SocketAddr>() {
+            Err(_) => cx.err(
+                format!("{path}.address"),
+                format!(
+                    "invalid address {:?}: expected ip:port, e.g. 0.0.0.0:8080",
+                    l.address
+                ),
+            ),
+            Ok(a) if a.port() != 0 && !addresses.insert(a) => cx.err(
+                format!("{path}.address"),
+                format!("address {a} is used by another listener"),
+            ),
+            Ok(_) => {}
+        }
+        listeners.push(compile_listener(&mut cx, &path, l, &backends));
+    }
+    if spec.listeners.is_empty() {
+        cx.err("listeners", "at least one listener is required");
+    }
+    if spec.admin.address.parse::<SocketAddr>().is_err() {
+        cx.err(
+            "admin.address",
+            format!(
+                "invalid address {:?}: expected ip:port, e.g. 127.0.0.1:9901",
+                spec.admin.address
+            ),
+        );
+    }
+    let limits = &spec.limits;
+    if limits.max_connections == 0 {
+        cx.err("limits.max_connections", "must be at least 1");
+    }
+    if limits.max_request_header_bytes < 8192 {
+        cx.err("limits.max_request_header_bytes", "must be at least 8192");
+    }
+    for (field, d) in [
+        ("header_read_timeout", limits.header_read_timeout),
+        ("idle_timeout", limits.idle_timeout),
+        ("drain_timeout", limits.drain_timeout),
+    ] {
+        if d.is_zero() {
+            cx.err(format!("limits.{field}"), "must be greater than 0s");
+        }
+    }
+    if limits.max_concurrent_streams == 0 {
+        cx.err("limits.max_concurrent_streams", "must be at least 1");
+    }
+
+    if !cx.errors.is_empty() {
+        return Err(cx.errors);
+    }
+    // Sorted by name so a listener's index is the same in every generation.
+    listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(RouteTable {
+        generation,
+        source: source.to_owned(),
+        loaded_at: SystemTime::now(),
+        listeners,
+        backends: ordered,
+        access_log: spec.access_log.enabled,
+        spec,
+    })
+}
+
+fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Backend> {
+    let errors_before = cx.errors.len();
+    if b.name.is_empty() {
+        cx.err(format!("{path}.name"), "backend name must not be empty");
+    }
+    let name: Arc<str> = b.name.as_str().into();
+    let mut seen = HashSet::new();
+    let mut endpoints = Vec::with_capacity(b.endpoints.len());
+    for (j, e) in b.endpoints.iter().enumerate() {
+        let epath = format!("{path}.endpoints[{j}]");
+        let addr = match e.address().parse::<SocketAddr>() {
+            Ok(a) if a.port() != 0 => a,
+            _ => {
+                cx.err(
+                    epath,
+                    format!(
+                        "invalid endpoint {:?}: expected ip:port, e.g. 10.0.0.5:8080 or [fd00::5]:8080",
+                        e.address()
+                    ),
+                );
+                continue;
+            }
+        };
+        if !seen.insert(addr) {
+            cx.err(epath, format!("duplicate endpoint {addr}"));
+            continue;
+        }
+        if e.weight() > MAX_WEIGHT {
+            cx.err(
+                format!("{epath}.weight"),
+                format!("weight must be 0 to {MAX_WEIGHT}"),
+            );
+            continue;
+        }
+        let state = match cx.registries {
+            Some(r) => r.endpoints.get(&name, addr),
+            None => Arc::new(EndpointState::detached(addr)),
+        };
+        let authority =
+            Authority::try_from(addr.to_string()).expect("a socket address is a valid authority");
+        endpoints.push(Endpoint {
+            addr,
+            authority,
+            weight: e.weight(),
+            state,
+        });
+    }
+    let hashing = matches!(b.policy, Policy::RingHash | Policy::Maglev);
+    let hash_key = match (&b.hash, hashing) {
+        (Some(_), false) => {
+            cx.err(
+                format!("{path}.hash"),
+                "hash is only used by the ring_hash and maglev policies",
+            );
+            None
+        }
+        (None, true) => Some(HashKey::ClientIp),
+        (None, false) => None,
+        (Some(HashKeySpec::Source(_)), true) => Some(HashKey::ClientIp),
+        (Some(HashKeySpec::Header { header: h }), true) => match HeaderName::try_from(h.as_str()) {
+            Ok(h) => Some(HashKey::Header(h)),
+            Err(_) => {
+                cx.err(
+                    format!("{path}.hash.header"),
+                    format!("invalid header name {h:?}"),
+                );
+                None
+            }
+        },
+        (Some(HashKeySpec::Cookie { cookie: c }), true) => {
+            if c.is_empty() || c.contains([';', '=', ' ']) {
+                cx.err(
+                    format!("{path}.hash.cookie"),
+                    format!("invalid cookie name {c:?}"),
+                );
+            }
+            Some(HashKey::Cookie(c.clone()))
+        }
+    };
+    if b.connect_timeout.is_zero() {
+        cx.err(format!("{path}.connect_timeout"), "must be greater than 0s");
+    }
+    if cx.errors.len() > errors_before {
+        return None;
+    }
+    let upstream = match cx.registries {
+        Some(r) => r.clients.get(&name, b.protocol, &b.pool, b.connect_timeout),
+        None => Upstream::H2c {
+            connect_timeout: b.connect_timeout,
+        },
+    };
+    let connect_failures = if cx.registries.is_some() {
+        metrics::counter!(crate::metrics::UPSTREAM_CONNECT_FAILURES, "backend" => b.name.clone())
+    } else {
+        metrics::Counter::noop()
+    };
+    Some(Backend {
+        balancer: Balancer::new(b.policy, &endpoints),
+        name,
+        endpoints,
+        hash_key,
+        upstream,
+        connect_failures,
+    })
+}
+
+fn compile_listener(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    l: &ListenerSpec,
+    backends: &HashMap<&str, Arc<Backend>>,
+) -> ListenerTable {
+    let mut router = Router::default();
+    let mut names = HashSet::new();
+    for (i, r) in l.routes.iter().enumerate() {
+        let rpath = format!("{path}.routes[{i}]");
+        let name = r.name.clone().unwrap_or_else(|| format!("{}/{i}", l.name));
+        if !names.insert(name.clone()) {
+            cx.err(
+                format!("{rpath}.name"),
+                format!("duplicate route name {name:?} in this listener"),
+            );
+        }
+        let (hosts, pm, cond) = compile_match(cx, &format!("{rpath}.match"), &r.matches);
+        if let Some(route) = compile_route(cx, &rpath, &l.name, name, r, &pm, backends) {
+            router.insert(&hosts, &pm, &cond, Arc::new(route));
+        }
+    }
+    if let Some(d) = &l.default_route {
+        let dpath = format!("{path}.default_route");
+        if d.matches != MatchSpec::default() {
+            cx.err(
+                format!("{dpath}.match"),
+                "the default route takes every unmatched request; remove its match",
+            );
+        }
+        let name = d
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}/default", l.name));
+        let pm = PathMatch::Prefix("/".into());
+        if let Some(route) = compile_route(cx, &dpath, &l.name, name, d, &pm, backends) {
+            router.set_default(Arc::new(route));
+        }
+    }
+    ListenerTable {
+        name: l.name.as_str().into(),
+        address: l.address.clone(),
+        router,
+        unmatched: cx.metrics(&l.name, "", ""),
+    }
+}
+
+fn compile_match(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    m: &MatchSpec,
+) -> (Vec<HostMatch>, PathMatch, Conditions) {
+    let mut hosts = Vec::new();
+    for (i, h) in m.hosts.iter().enumerate() {
+        match parse_host(h) {
+            Ok(h) => hosts.push(h),
+            Err(e) => cx.err(format!("{path}.hosts[{i}]"), e),
+        }
+    }
+    if hosts.is_empty() {
+        hosts.push(HostMatch::Any);
+    }
+    let pm = match (&m.prefix, &m.exact) {
+        (Some(_), Some(_)) => {
+            cx.err(path, "give either prefix or exact, not both");
+            PathMatch::Prefix("/".into())
+        }
+        (Some(p), None) => {
+            check_path(cx, &format!("{path}.prefix"), p);
+            PathMatch::Prefix(p.clone())
+        }
+        (None, Some(p)) => {
+            check_path(cx, &format!("{path}.exact"), p);
+            PathMatch::Exact(p.clone())
+        }
+        (None, None) => PathMatch::Prefix("/".into()),
+    };
+    let mut cond = Conditions::default();
+    for (i, meth) in m.methods.iter().enumerate() {
+        match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
+            Ok(mm) => cond.methods.push(mm),
+            Err(_) => cx.err(
+                format!("{path}.methods[{i}]"),
+                format!("invalid method {meth:?}"),
+            ),
+        }
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        let hpath = format!("{path}.headers[{i}]");
+        let name = HeaderName::try_from(h.name.as_str());
+        let value = h.value.as_deref().map(HeaderValue::try_from).transpose();
+        match (name, value) {
+            (Ok(n), Ok(v)) => cond.headers.push((n, v)),
+            (Err(_), _) => cx.err(
+                format!("{hpath}.name"),
+                format!("invalid header name {:?}", h.name),
+            ),
+            (_, Err(_)) => cx.err(format!("{hpath}.value"), "invalid header value"),
+        }
+    }
+    (hosts, pm, cond)
+}
+
+fn check_path(cx: &mut Ctx<'_>, path: &str, p: &str) {
+    if !p.starts_with('/') || p.contains(['?', '#', ' ']) {
+        cx.err(
+            path,
+            format!("invalid path {p:?}: must start with '/' and contain no '?', '#' or spaces"),
+        );
+    }
+}
+
+/// Parses a route host: exact, `*.suffix`, or `*` (any).
+pub fn parse_host(h: &str) -> Result<HostMatch, String> {
+    let lower = h.to_ascii_lowercase();
+    if lower == "*" || lower.is_empty() {
+        return Ok(HostMatch::Any);
+    }
+    let (wild, rest) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let valid = !rest.is_empty()
+        && rest.len() <= crate::router::MAX_HOST_LEN
+        && rest
+            .split('.')
+            .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+    if !valid {
+        return Err(format!(
+            "invalid host {h:?}: expected a DNS name (api.example.com) or a wildcard (*.example.com), without port"
+        ));
+    }
+    Ok(if wild {
+        HostMatch::Wildcard(rest.to_owned())
+    } else {
+        HostMatch::Exact(rest.to_owned())
+    })
+}
+
+fn compile_route(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    listener: &str,
+    name: String,
+    r: &RouteSpec,
+    pm: &PathMatch,
+    backends: &HashMap<&str, Arc<Backend>>,
+) -> Option<Route> {
+    let before = cx.errors.len();
+    let actions = [
+        r.forward.is_some(),
+        r.redirect.is_some(),
+        r.direct_response.is_some(),
+    ];
+    let action = match actions.iter().filter(|a| **a).count() {
+        1 => {
+            if let Some(f) = &r.forward {
+                compile_forward(cx, &format!("{path}.forward"), listener, &name, f, backends)
+                    .map(Action::Forward)
+            } else if let Some(rd) = &r.redirect {
+                compile_redirect(cx, &format!("{path}.redirect"), rd).map(Action::Redirect)
+            } else {
+                let d = r.direct_response.as_ref()?;
+                compile_direct(cx, &format!("{path}.direct_response"), d).map(Action::Direct)
+            }
+        }
+        n => {
+            cx.err(
+                path,
+                format!(
+                    "a route needs exactly one of forward, redirect, direct_response (found {n})"
+                ),
+            );
+            None
+        }
+    };
+    let request_headers =
+        compile_header_ops(cx, &format!("{path}.request_headers"), &r.request_headers);
+    let response_headers =
+        compile_header_ops(cx, &format!("{path}.response_headers"), &r.response_headers);
+    let rewrite = match (&r.rewrite_prefix, pm) {
+        (None, _) => None,
+        (Some(to), PathMatch::Prefix(from)) if r.forward.is_some() => {
+            check_path(cx, &format!("{path}.rewrite_prefix"), to);
+            let from = from.trim_end_matches('/').to_owned();
+            Some((from, to.clone()))
+        }
+        (Some(_), _) => {
+            cx.err(
+                format!("{path}.rewrite_prefix"),
+                "rewrite_prefix needs a prefix match and a forward action",
+            );
+            None
+        }
+    };
+    if cx.errors.len() > before {
+        return None;
+    }
+    let timeout = match r.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+    };
+    Some(Route {
+        local_metrics: cx.metrics(listener, &name, ""),
+        name: name.into(),
+        action: action?,
+        timeout,
+        request_headers,
+        response_headers,
+        rewrite,
+    })
+}
+
+fn compile_forward(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    listener: &str,
+    route: &str,
+    f: &ForwardSpec,
+    backends: &HashMap<&str, Arc<Backend>>,
+) -> Option<Forward> {
+    let wanted: Vec<(String, &str, u32)> = match (&f.backend, f.backends.is_empty()) {
+        (Some(b), true) => vec![(format!("{path}.backend"), b.as_str(), 1)],
+        (None, false) => f
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                (
+                    format!("{path}.backends[{i}].name"),
+                    w.name.as_str(),
+                    w.weight,
+                )
+            })
+            .collect(),
+        _ => {
+            cx.err(
+                path,
+                "forward needs either backend or backends (weighted), not both or neither",
+            );
+            return None;
+        }
+    };
+    let mut targets = Vec::new();
+    let mut weights = Vec::new();
+    for (p, name, weight) in wanted {
+        match backends.get(name) {
+            Some(b) => {
+                targets.push(Target {
+                    backend: Arc::clone(b),
+                    metrics: cx.metrics(listener, route, name),
+                });
+                weights.push(weight);
+            }
+            None => {
+                let mut known: Vec<&str> = backends.keys().copied().collect();
+                known.sort_unstable();
+                cx.err(
+                    p,
+                    format!("unknown backend {name:?} (defined: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+    if !f.backends.is_empty() && weights.iter().all(|w| *w == 0) {
+        cx.err(
+            format!("{path}.backends"),
+            "at least one backend needs a weight above 0",
+        );
+    }
+    Some(Forward {
+        split: Schedule::new(&weights),
+        targets,
+    })
+}
+
+fn compile_redirect(cx: &mut Ctx<'_>, path: &str, r: &RedirectSpec) -> Option<Redirect> {
+    let status = match r.status {
+        301 | 302 | 303 | 307 | 308 => StatusCode::from_u16(r.status).ok()?,
+        s => {
+            cx.err(
+                format!("{path}.status"),
+                format!("invalid redirect status {s}: use 301, 302, 303, 307 or 308"),
+            );
+            return None;
+        }
+    };
+    if let Some(s) = &r.scheme {
+        if s != "http" && s != "https" {
+            cx.err(
+                format!("{path}.scheme"),
+                format!("invalid scheme {s:?}: use http or https"),
+            );
+        }
+    }
+    if let Some(h) = &r.host {
+        if !matches!(parse_host(h), Ok(HostMatch::Exact(_))) {
+            cx.err(format!("{path}.host"), format!("invalid host {h:?}"));
+        }
+    }
+    if let Some(p) = &r.path {
+        check_path(cx, &format!("{path}.path"), p);
+    }
+    Some(Redirect {
+        scheme: r.scheme.clone(),
+        host: r.host.clone(),
+        port: r.port,
+        path: r.path.clone(),
+        status,
+    })
+}
+
+fn compile_direct(cx: &mut Ctx<'_>, path: &str, d: &DirectResponseSpec) -> Option<DirectResponse> {
+    let status = match StatusCode::from_u16(d.status) {
+        Ok(s) if (200..600).contains(&d.status) => s,
+        _ => {
+            cx.err(
+                format!("{path}.status"),
+                format!("invalid status {}: use 200 to 599", d.status),
+            );
+            return None;
+        }
+    };
+    let mut headers = HeaderMap::new();
+    for (k, v) in &d.headers {
+        match (
+            HeaderName::try_from(k.as_str()),
+            HeaderValue::try_from(v.as_str()),
+        ) {
+            (Ok(k), Ok(v)) => {
+                headers.append(k, v);
+            }
+            _ => cx.err(
+                format!("{path}.headers.{k}"),
+                format!("invalid header {k:?}: {v:?}"),
+            ),
+        }
+    }
+    Some(DirectResponse {
+        status,
+        body: Bytes::from(d.body.clone()),
+        headers,
+    })
+}
+
+fn compile_header_ops(cx: &mut Ctx<'_>, path: &str, h: &HeaderOpsSpec) -> HeaderOps {
+    let mut ops = HeaderOps::default();
+    let pairs = |cx: &mut Ctx<'_>, kind: &str, src: &std::collections::BTreeMap<String, String>| {
+        let mut out = Vec::new();
+        for (k, v) in src {
+            match (
+                HeaderName::try_from(k.as_str()),
+                HeaderValue::try_from(v.as_str()),
+            ) {
+                (Ok(k), Ok(v)) => out.push((k, v)),
+                _ => cx.err(
+                    format!("{path}.{kind}.{k}"),
+                    format!("invalid header {k:?}: {v:?}"),
+                ),
+            }
+        }
+        out
+    };
+    ops.set = pairs(cx, "set", &h.set);
+    ops.add = pairs(cx, "add", &h.add);
+    for (i, k) in h.remove.iter().enumerate() {
+        match HeaderName::try_from(k.as_str()) {
+            Ok(k) => ops.remove.push(k),
+            Err(_) => cx.err(
+                format!("{path}.remove[{i}]"),
+                format!("invalid header name {k:?}"),
+            ),
+        }
+    }
+    ops
+}

@@ -1,0 +1,314 @@
+//! The routing table: compiled once per configuration, published whole, read lock-free.
+
+pub mod compile;
+pub mod spec;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use serde::Serialize;
+
+use crate::balancer::{round_robin::Schedule, Balancer, Load};
+use crate::endpoint::{EndpointSnapshot, EndpointState};
+use crate::metrics::TargetMetrics;
+use crate::router::Router;
+use crate::upstream::Upstream;
+
+pub use compile::{compile, CompileError, Registries};
+
+/// An immutable routing table. Requests `load()` it from a [`TableHandle`]; nothing in it
+/// changes after publication except atomics inside endpoint state.
+#[derive(Debug)]
+pub struct RouteTable {
+    /// Increases by one with every published table.
+    pub generation: u64,
+    /// Where the configuration came from (e.g. the file path).
+    pub source: String,
+    /// When it was compiled.
+    pub loaded_at: SystemTime,
+    /// Listeners in configuration order.
+    pub listeners: Vec<ListenerTable>,
+    /// Backends by name, for `/config`.
+    pub backends: Vec<Arc<Backend>>,
+    /// Whether to write access log lines.
+    pub access_log: bool,
+    /// The configuration this table was compiled from.
+    pub spec: Arc<spec::Spec>,
+}
+
+impl RouteTable {
+    /// Index of the listener with this name.
+    pub fn listener_index(&self, name: &str) -> Option<usize> {
+        self.listeners.iter().position(|l| &*l.name == name)
+    }
+
+    /// The JSON view served at `/config`.
+    pub fn view(&self) -> TableView<'_> {
+        TableView {
+            generation: self.generation,
+            source: &self.source,
+            loaded_at: humantime::format_rfc3339_seconds(self.loaded_at).to_string(),
+            endpoints: self
+                .backends
+                .iter()
+                .map(|b| BackendView {
+                    name: &b.name,
+                    endpoints: b.endpoints.iter().map(|e| e.state.snapshot()).collect(),
+                })
+                .collect(),
+            config: &self.spec,
+        }
+    }
+}
+
+/// `/config` JSON.
+#[derive(Debug, Serialize)]
+pub struct TableView<'a> {
+    generation: u64,
+    source: &'a str,
+    loaded_at: String,
+    endpoints: Vec<BackendView<'a>>,
+    config: &'a spec::Spec,
+}
+
+/// One backend in `/config`.
+#[derive(Debug, Serialize)]
+struct BackendView<'a> {
+    name: &'a str,
+    endpoints: Vec<EndpointSnapshot>,
+}
+
+/// One listener's routes.
+#[derive(Debug)]
+pub struct ListenerTable {
+    /// Listener name.
+    pub name: Arc<str>,
+    /// Bind address text, as configured.
+    pub address: String,
+    /// Host/path index.
+    pub router: Router<Arc<Route>>,
+    /// Metrics for requests no route took.
+    pub unmatched: Arc<TargetMetrics>,
+}
+
+/// A compiled route.
+#[derive(Debug)]
+pub struct Route {
+    /// Route name.
+    pub name: Arc<str>,
+    /// What it does.
+    pub action: Action,
+    /// Time allowed for the response headers; `None` waits forever.
+    pub timeout: Option<Duration>,
+    /// Request header changes.
+    pub request_headers: HeaderOps,
+    /// Response header changes.
+    pub response_headers: HeaderOps,
+    /// Prefix rewrite: (matched prefix, replacement).
+    pub rewrite: Option<(String, String)>,
+    /// Metrics for routes that answer themselves.
+    pub local_metrics: Arc<TargetMetrics>,
+}
+
+/// What a route does.
+#[derive(Debug)]
+pub enum Action {
+    /// Forward upstream.
+    Forward(Forward),
+    /// Redirect.
+    Redirect(Redirect),
+    /// Fixed response.
+    Direct(DirectResponse),
+}
+
+/// Forwarding to one or more weighted backends.
+#[derive(Debug)]
+pub struct Forward {
+    /// Backends with their metrics.
+    pub targets: Vec<Target>,
+    /// Weighted cycle over `targets` (a single target always gets index 0).
+    pub split: Schedule,
+}
+
+impl Forward {
+    /// The backend for the next request.
+    pub fn pick(&self) -> Option<&Target> {
+        if self.targets.len() == 1 {
+            return self.targets.first();
+        }
+        self.split.pick().map(|i| &self.targets[i])
+    }
+}
+
+/// One backend of a route.
+#[derive(Debug)]
+pub struct Target {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Per (route, backend) metrics.
+    pub metrics: Arc<TargetMetrics>,
+}
+
+/// A redirect.
+#[derive(Debug)]
+pub struct Redirect {
+    /// Scheme to use, or keep the request's.
+    pub scheme: Option<String>,
+    /// Host to use, or keep the request's.
+    pub host: Option<String>,
+    /// Port to use.
+    pub port: Option<u16>,
+    /// Path to use, or keep the request's.
+    pub path: Option<String>,
+    /// Status code.
+    pub status: StatusCode,
+}
+
+/// A fixed response.
+#[derive(Debug)]
+pub struct DirectResponse {
+    /// Status.
+    pub status: StatusCode,
+    /// Body.
+    pub body: Bytes,
+    /// Headers.
+    pub headers: HeaderMap,
+}
+
+/// Header changes, validated at compile time.
+#[derive(Debug, Default)]
+pub struct HeaderOps {
+    /// Removed first.
+    pub remove: Vec<HeaderName>,
+    /// Then replaced.
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    /// Then appended.
+    pub add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderOps {
+    /// Applies the changes.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+}
+
+/// A compiled backend.
+#[derive(Debug)]
+pub struct Backend {
+    /// Name.
+    pub name: Arc<str>,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Policy.
+    pub balancer: Balancer,
+    /// Affinity key for the hashing policies.
+    pub hash_key: Option<HashKey>,
+    /// How requests are sent.
+    pub upstream: Upstream,
+    /// Connect failures counter.
+    pub connect_failures: metrics::Counter,
+}
+
+/// A compiled endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// Address.
+    pub addr: SocketAddr,
+    /// `ip:port` as a URI authority, built once.
+    pub authority: Authority,
+    /// Weight.
+    pub weight: u32,
+    /// Live state, shared across generations.
+    pub state: Arc<EndpointState>,
+}
+
+impl Load for Endpoint {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn in_flight(&self) -> u32 {
+        self.state.in_flight()
+    }
+    fn peak_ewma_cost(&self) -> f64 {
+        self.state.peak_ewma_cost()
+    }
+    fn hash_id(&self) -> u64 {
+        endpoint_hash_id(self.addr)
+    }
+}
+
+/// Stable ring identity of an address, the same in every process and generation.
+pub fn endpoint_hash_id(addr: SocketAddr) -> u64 {
+    let mut buf = [0u8; 18];
+    let bytes: &[u8] = match addr.ip() {
+        std::net::IpAddr::V4(ip) => {
+            buf[..4].copy_from_slice(&ip.octets());
+            buf[4..6].copy_from_slice(&addr.port().to_be_bytes());
+            &buf[..6]
+        }
+        std::net::IpAddr::V6(ip) => {
+            buf[..16].copy_from_slice(&ip.octets());
+            buf[16..].copy_from_slice(&addr.port().to_be_bytes());
+            &buf[..]
+        }
+    };
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}
+
+/// What the hashing policies hash.
+#[derive(Debug)]
+pub enum HashKey {
+    /// Client IP.
+    ClientIp,
+    /// A request header's value.
+    Header(HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+}
+
+/// Holds the table in force; cheap to clone and share.
+#[derive(Debug, Clone, Default)]
+pub struct TableHandle {
+    inner: Arc<ArcSwapOption<RouteTable>>,
+}
+
+impl TableHandle {
+    /// The table in force, if one was published. Hold the guard briefly.
+    pub fn load(&self) -> arc_swap::Guard<Option<Arc<RouteTable>>> {
+        self.inner.load()
+    }
+
+    /// The table in force as an owned reference, for slow paths (admin).
+    pub fn current(&self) -> Option<Arc<RouteTable>> {
+        self.inner.load_full()
+    }
+
+    /// Publishes a new table; requests that already hold routes keep them.
+    pub fn publish(&self, table: RouteTable) {
+        metrics::gauge!(crate::metrics::TABLE_GENERATION).set(table.generation as f64);
+        for b in &table.backends {
+            metrics::gauge!(crate::metrics::BACKEND_ENDPOINTS, "backend" => b.name.to_string())
+                .set(b.endpoints.len() as f64);
+        }
+        self.inner.store(Some(Arc::new(table)));
+    }
+}

@@ -1,0 +1,466 @@
+//! The configuration schema: plain serde types, exactly what a user writes in YAML.
+//!
+//! The data plane owns these types because it consumes them; sources (the static file now,
+//! Kubernetes later) produce a [`Spec`] and hand it to [`crate::table::compile`].
+//! Every struct denies unknown fields so that a typo is an error with a line number rather
+//! than a silently ignored setting.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Spec {
+    /// Admin listener settings.
+    #[serde(default)]
+    pub admin: AdminSpec,
+    /// Server-wide limits and timeouts for downstream connections.
+    #[serde(default)]
+    pub limits: LimitsSpec,
+    /// Access log settings.
+    #[serde(default)]
+    pub access_log: AccessLogSpec,
+    /// Listeners, each with its own routes.
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+    /// Named backends that routes forward to.
+    #[serde(default)]
+    pub backends: Vec<BackendSpec>,
+}
+
+/// Admin listener settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    /// Address of the admin listener (`/live`, `/ready`, `/metrics`, `/config`).
+    #[serde(default = "default_admin_address")]
+    pub address: String,
+}
+
+impl Default for AdminSpec {
+    fn default() -> Self {
+        Self {
+            address: default_admin_address(),
+        }
+    }
+}
+
+fn default_admin_address() -> String {
+    "127.0.0.1:9901".to_owned()
+}
+
+/// Limits for downstream connections. Every field has a safe default.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSpec {
+    /// Maximum concurrent downstream connections per listener; further connections wait in
+    /// the kernel backlog.
+    pub max_connections: usize,
+    /// Maximum size of a request head (request line and headers) in bytes; larger heads get 431.
+    pub max_request_header_bytes: usize,
+    /// Maximum number of request headers (HTTP/1.1); more get 431.
+    pub max_request_headers: usize,
+    /// Time allowed to receive a complete request head. On HTTP/1.1 hyper starts this clock
+    /// when the connection begins waiting for a request, so it also bounds keep-alive idling.
+    #[serde(with = "duration")]
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes read or written for this long is closed.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Maximum concurrent HTTP/2 streams per downstream connection.
+    pub max_concurrent_streams: u32,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take to finish before exit.
+    #[serde(with = "duration")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for LimitsSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_request_header_bytes: 64 * 1024,
+            max_request_headers: 100,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            max_concurrent_streams: 256,
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Access log settings.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogSpec {
+    /// Write one line per request (to the log output, target `access`).
+    pub enabled: bool,
+}
+
+impl Default for AccessLogSpec {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// Protocol a listener speaks.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port.
+    #[default]
+    Http,
+}
+
+/// A listener: a bound address and the routes that serve it.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// Bind address, `ip:port`.
+    pub address: String,
+    /// Protocol; `http` for now.
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Routes, matched by host then path (see `docs/config.md` for precedence).
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Route used when no route matches (its `match` must be empty). Without it unmatched
+    /// requests get 404.
+    #[serde(default)]
+    pub default_route: Option<RouteSpec>,
+}
+
+/// A route: a match and an action.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Name used in metrics and logs; defaults to `<listener>/<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What requests this route takes.
+    #[serde(default, rename = "match")]
+    pub matches: MatchSpec,
+    /// Forward to a backend, or split across several.
+    #[serde(default)]
+    pub forward: Option<ForwardSpec>,
+    /// Answer with a redirect.
+    #[serde(default)]
+    pub redirect: Option<RedirectSpec>,
+    /// Answer with a fixed response.
+    #[serde(default)]
+    pub direct_response: Option<DirectResponseSpec>,
+    /// Time allowed until the upstream's response headers arrive (`0s` disables; default 15s).
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Header changes applied to the request sent upstream.
+    #[serde(default)]
+    pub request_headers: HeaderOpsSpec,
+    /// Header changes applied to the response sent downstream.
+    #[serde(default)]
+    pub response_headers: HeaderOpsSpec,
+    /// Replace the matched path prefix with this one before forwarding.
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+}
+
+/// Request matching. All given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSpec {
+    /// Hosts: exact (`api.example.com`) or a single-label wildcard (`*.example.com`).
+    /// Empty means any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path prefix, matched element by element (`/foo` matches `/foo/bar`, not `/foobar`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// Exact path.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// Allowed methods; empty means any.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Header conditions.
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchSpec>,
+}
+
+/// A header condition: the header is present, and equals `value` when given.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchSpec {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// Exact value; absent means "header present with any value".
+    #[serde(default)]
+    pub value: Option<String>,
+}
+
+/// Where a route forwards.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardSpec {
+    /// A single backend.
+    #[serde(default)]
+    pub backend: Option<String>,
+    /// Weighted backends (traffic split).
+    #[serde(default)]
+    pub backends: Vec<WeightedBackendSpec>,
+}
+
+/// One side of a traffic split.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedBackendSpec {
+    /// Backend name.
+    pub name: String,
+    /// Relative weight (0 takes no traffic).
+    pub weight: u32,
+}
+
+/// A redirect answer. Unset parts keep the request's values.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSpec {
+    /// `http` or `https`.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    /// Host to redirect to.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Port to redirect to.
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// Path to redirect to (the query string is kept).
+    #[serde(default)]
+    pub path: Option<String>,
+    /// 301, 302, 303, 307 or 308; default 301.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+}
+
+fn default_redirect_status() -> u16 {
+    301
+}
+
+/// A fixed response.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseSpec {
+    /// Status code.
+    pub status: u16,
+    /// Body.
+    #[serde(default)]
+    pub body: String,
+    /// Response headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Header changes: `remove` first, then `set` (replace), then `add` (append).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsSpec {
+    /// Appended values.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Replaced values.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Removed headers.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// A named set of endpoints and how to reach them.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct BackendSpec {
+    /// Unique name.
+    pub name: String,
+    /// Endpoints, `ip:port` or `{address, weight}`.
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+    /// Load-balancing policy.
+    #[serde(default)]
+    pub policy: Policy,
+    /// Hash key for `ring_hash` and `maglev`.
+    #[serde(default)]
+    pub hash: Option<HashKeySpec>,
+    /// Protocol spoken to the endpoints.
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    /// TCP connect timeout.
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    /// Keep-alive pool limits.
+    #[serde(default)]
+    pub pool: PoolSpec,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+/// An endpoint: `ip:port`, or a map with a weight.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(untagged)]
+pub enum EndpointSpec {
+    /// `ip:port`, weight 1.
+    Address(String),
+    /// `{address: ip:port, weight: N}`.
+    Weighted {
+        /// `ip:port`.
+        address: String,
+        /// Relative weight, 1 to 10000.
+        #[serde(default = "one")]
+        weight: u32,
+    },
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl EndpointSpec {
+    /// The `ip:port` text.
+    pub fn address(&self) -> &str {
+        match self {
+            Self::Address(a) | Self::Weighted { address: a, .. } => a,
+        }
+    }
+
+    /// The weight (1 when not given).
+    pub fn weight(&self) -> u32 {
+        match self {
+            Self::Address(_) => 1,
+            Self::Weighted { weight, .. } => *weight,
+        }
+    }
+}
+
+/// Load-balancing policy.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Policy {
+    /// Smooth weighted round robin.
+    #[default]
+    RoundRobin,
+    /// Power of two choices on in-flight requests.
+    LeastRequest,
+    /// Power of two choices on peak-EWMA latency times load.
+    PeakEwma,
+    /// Weighted random.
+    Random,
+    /// Consistent hashing on a ring (Ketama).
+    RingHash,
+    /// Maglev consistent hashing.
+    Maglev,
+}
+
+/// What a consistent-hash policy hashes: `client_ip`, `{header: NAME}` or `{cookie: NAME}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged, expecting = "client_ip, {header: NAME} or {cookie: NAME}")]
+pub enum HashKeySpec {
+    /// A named source without argument.
+    Source(HashSource),
+    /// The value of this request header.
+    Header {
+        /// Header name.
+        header: String,
+    },
+    /// The value of this cookie.
+    Cookie {
+        /// Cookie name.
+        cookie: String,
+    },
+}
+
+/// Hash sources that take no argument.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum HashSource {
+    /// The client's IP address.
+    ClientIp,
+}
+
+/// Upstream protocol.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with keep-alive pooling.
+    #[default]
+    Http1,
+    /// HTTP/2 cleartext with prior knowledge; one multiplexed connection per endpoint.
+    H2c,
+}
+
+/// Keep-alive pool limits per endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolSpec {
+    /// Idle keep-alive connections kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+    /// Idle connections are closed after this long.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolSpec {
+    fn default() -> Self {
+        Self {
+            max_idle_per_endpoint: 128,
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Durations as human strings (`250ms`, `15s`, `2m`).
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Serialize as a human string.
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    /// Parse a human string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?}: {e} (expected e.g. 250ms, 15s, 2m)"
+            ))
+        })
+    }
+}
+
+/// Optional durations as human strings.
+pub mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserializer, Serializer};
+
+    /// Serialize as a human string.
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Parse a human string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        super::duration::deserialize(d).map(Some)
+    }
+}
