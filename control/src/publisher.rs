@@ -1,0 +1,92 @@
+//! The one writer of the routing table: checks, compiles and publishes configurations.
+
+use std::sync::Arc;
+
+use strait_proxy::table::spec::Spec;
+use strait_proxy::table::{compile, CompileError, Registries, TableHandle};
+
+/// Compiles configurations and swaps them into a [`TableHandle`].
+#[derive(Debug)]
+pub struct Publisher {
+    handle: TableHandle,
+    registries: Registries,
+    generation: u64,
+    /// Listener names and addresses in force; bound sockets cannot change on reload.
+    listeners: Option<Vec<(String, String)>>,
+}
+
+impl Publisher {
+    /// A publisher for this handle. Nothing is published until [`Publisher::publish`].
+    pub fn new(handle: TableHandle) -> Self {
+        Self {
+            handle,
+            registries: Registries::default(),
+            generation: 0,
+            listeners: None,
+        }
+    }
+
+    /// The handle tables are published to.
+    pub fn handle(&self) -> &TableHandle {
+        &self.handle
+    }
+
+    /// Validates, compiles and publishes `spec`. On error the table in force is unchanged.
+    pub fn publish(&mut self, spec: Spec, source: &str) -> Result<u64, Vec<CompileError>> {
+        let mut listeners: Vec<(String, String)> = spec
+            .listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address.clone()))
+            .collect();
+        listeners.sort();
+        if let Some(running) = &self.listeners {
+            if *running != listeners {
+                return Err(vec![CompileError {
+                    path: "listeners".into(),
+                    message: format!(
+                        "listeners changed (running: {}); restart Strait to apply listener changes \
+                         (routes and backends reload live)",
+                        describe(running)
+                    ),
+                }]);
+            }
+        }
+        if let Some(running) = self.handle.current() {
+            if running.spec.limits != spec.limits || running.spec.admin != spec.admin {
+                tracing::warn!(
+                    "limits and admin settings changed; they apply at the next restart \
+                     (drain_timeout applies at once)"
+                );
+            }
+        }
+        let spec = Arc::new(spec);
+        // A dry run first, so a rejected configuration registers no metrics and touches no
+        // live state.
+        compile(Arc::clone(&spec), source, self.generation + 1, None)?;
+        let table = compile(spec, source, self.generation + 1, Some(&self.registries))?;
+        self.generation += 1;
+        let live: Vec<_> = table
+            .spec
+            .backends
+            .iter()
+            .map(|b| {
+                (
+                    Arc::<str>::from(b.name.as_str()),
+                    b.protocol,
+                    b.pool.clone(),
+                    b.connect_timeout,
+                )
+            })
+            .collect();
+        self.handle.publish(table);
+        self.registries.endpoints.prune();
+        self.registries.clients.retain_backends(&live);
+        self.listeners = Some(listeners);
+        Ok(self.generation)
+    }
+}
+
+fn describe(l: &[(String, String)]) -> String {
+    let parts: Vec<String> = l.iter().map(|(n, a)| format!("{n}={a}")).collect();
+    parts.join(", ")
+}

@@ -1,0 +1,180 @@
+//! The static configuration file: read, parse, validate, and report problems with file,
+//! line and column.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use strait_proxy::table::spec::Spec;
+use strait_proxy::table::{compile, CompileError};
+
+use crate::locate::Locator;
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file.
+    pub file: PathBuf,
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1.
+    pub column: usize,
+    /// What is wrong and what would be valid.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
+/// Why a configuration file was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file was read but is not a valid configuration.
+    #[error("{}", render(diagnostics))]
+    Invalid {
+        /// Every problem found.
+        diagnostics: Vec<Diagnostic>,
+    },
+}
+
+fn render(d: &[Diagnostic]) -> String {
+    let lines: Vec<String> = d.iter().map(ToString::to_string).collect();
+    lines.join("\n")
+}
+
+/// A configuration that parsed and passed validation.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    /// The configuration.
+    pub spec: Spec,
+    /// The text it came from, for locating errors found later (e.g. at publish time).
+    pub text: String,
+    /// The file.
+    pub path: PathBuf,
+}
+
+impl Loaded {
+    /// Places compile errors in this file.
+    pub fn diagnose(&self, errors: &[CompileError]) -> ConfigError {
+        diagnose(&self.path, &self.text, errors)
+    }
+}
+
+/// Reads and validates a configuration file.
+pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let spec = parse(path, &text)?;
+    Ok(Loaded {
+        spec,
+        text,
+        path: path.to_owned(),
+    })
+}
+
+/// Parses and validates configuration text; `path` is used in messages only.
+pub fn parse(path: &Path, text: &str) -> Result<Spec, ConfigError> {
+    let spec: Spec = serde_yaml_ng::from_str(text).map_err(|e| {
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        let mut message = e.to_string();
+        // The location is given separately; keep the message itself short.
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        ConfigError::Invalid {
+            diagnostics: vec![Diagnostic {
+                file: path.to_owned(),
+                line,
+                column,
+                message,
+            }],
+        }
+    })?;
+    let spec = Arc::new(spec);
+    match compile(Arc::clone(&spec), &path.display().to_string(), 0, None) {
+        Ok(_) => Ok(Arc::unwrap_or_clone(spec)),
+        Err(errors) => Err(diagnose(path, text, &errors)),
+    }
+}
+
+fn diagnose(path: &Path, text: &str, errors: &[CompileError]) -> ConfigError {
+    let locator = Locator::new(text);
+    let mut diagnostics: Vec<Diagnostic> = errors
+        .iter()
+        .map(|e| {
+            let pos = locator.find(&e.path);
+            Diagnostic {
+                file: path.to_owned(),
+                line: pos.line,
+                column: pos.column,
+                message: format!("{}: {}", e.path, e.message),
+            }
+        })
+        .collect();
+    diagnostics.sort_by_key(|d| (d.line, d.column));
+    ConfigError::Invalid { diagnostics }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errors(text: &str) -> Vec<Diagnostic> {
+        match parse(Path::new("t.yaml"), text) {
+            Err(ConfigError::Invalid { diagnostics }) => diagnostics,
+            other => panic!("expected diagnostics, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unknown_field_has_a_position() {
+        let d = errors("listeners:\n  - name: web\n    adress: 127.0.0.1:1\n");
+        assert_eq!((d[0].line, d[0].column), (3, 5), "{d:?}");
+        assert!(d[0].message.contains("unknown field `adress`"), "{d:?}");
+    }
+
+    #[test]
+    fn reports_every_semantic_error_in_place() {
+        let text = "\
+listeners:
+  - name: web
+    address: 127.0.0.1:8080
+    routes:
+      - forward:
+          backend: nope
+      - match:
+          prefix: bad
+        direct_response:
+          status: 200
+backends:
+  - name: api
+    endpoints: [\"localhost:80\"]
+";
+        let d = errors(text);
+        let lines: Vec<usize> = d.iter().map(|d| d.line).collect();
+        assert_eq!(lines, vec![6, 8, 13], "{d:#?}");
+        assert!(d[0].message.contains("unknown backend \"nope\""));
+        assert!(d[1].message.contains("must start with '/'"));
+        assert!(d[2].message.contains("expected ip:port"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Configuration sources. Only the static file exists so far.
+
+pub mod file;

@@ -1,0 +1,287 @@
+//! The `strait` binary: command line, logging, signals, and wiring a source to the proxy.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use strait_control::publisher::Publisher;
+use strait_control::source::file;
+use strait_proxy::admin::{serve_admin, Admin};
+use strait_proxy::listener::{bind, serve, ListenerContext};
+use strait_proxy::table::TableHandle;
+use tokio::sync::watch;
+
+/// Exit code for a configuration rejected at startup (sysexits EX_CONFIG); nothing is bound.
+const EXIT_CONFIG: u8 = 78;
+/// Exit code when an address cannot be bound (sysexits EX_UNAVAILABLE).
+const EXIT_BIND: u8 = 69;
+
+/// Strait: an ingress and service proxy.
+///
+/// Runs a reverse proxy from a YAML configuration file. The file is reloaded on SIGHUP and
+/// when it changes; a file that does not validate is rejected and the running table stays.
+/// SIGTERM or SIGINT drains: new connections are refused, /ready turns 503, and in-flight
+/// requests finish (up to limits.drain_timeout) before exit.
+#[derive(Debug, Parser)]
+#[command(name = "strait", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Configuration file (YAML) to serve.
+    #[arg(long, short = 'c', env = "STRAIT_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Admin listener address for /live, /ready, /metrics, /config [default: admin.address
+    /// from the config, else 127.0.0.1:9901].
+    #[arg(long, value_name = "IP:PORT")]
+    admin_addr: Option<SocketAddr>,
+
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
+    /// Log level or filter (e.g. `info`, `debug`, `strait::access=off,info`); RUST_LOG wins
+    /// when set.
+    #[arg(long, default_value = "info", value_name = "FILTER")]
+    log_level: String,
+
+    /// Worker threads for the proxy [default: one per CPU core].
+    #[arg(long, value_name = "N")]
+    worker_threads: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a configuration file; print every problem with file:line:column and exit
+    /// non-zero if there is any.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Validate { file }) = &cli.command {
+        return validate(file);
+    }
+    let Some(path) = cli.config.clone() else {
+        eprintln!(
+            "strait: --config FILE is required (see `strait --help`; try examples/standalone.yaml)"
+        );
+        return ExitCode::from(2);
+    };
+    let _log_guard = init_logging(cli.log_format, &cli.log_level);
+
+    // Validate before anything is bound, so a bad file fails fast with a distinct code.
+    let loaded = match file::load(&path) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("{e}");
+            tracing::error!("configuration rejected; not starting");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = cli.worker_threads {
+        runtime.worker_threads(n.max(1));
+    }
+    let runtime = match runtime.build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("strait: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli, loaded))
+}
+
+fn validate(path: &Path) -> ExitCode {
+    match file::load(path) {
+        Ok(l) => {
+            println!(
+                "{}: ok ({} listeners, {} backends)",
+                path.display(),
+                l.spec.listeners.len(),
+                l.spec.backends.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Logging never blocks a request: lines go through a bounded buffer to a writer thread
+    // and are dropped (not queued without bound) if it falls behind.
+    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    guard
+}
+
+fn install_metrics() -> Option<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            Matcher::Full(strait_proxy::metrics::REQUEST_DURATION.to_owned()),
+            strait_proxy::metrics::DURATION_BUCKETS,
+        )
+        .and_then(|b| b.install_recorder());
+    match handle {
+        Ok(h) => {
+            strait_proxy::metrics::describe();
+            Some(h)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics recorder not installed");
+            None
+        }
+    }
+}
+
+async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
+    let prometheus = install_metrics();
+    let handle = TableHandle::default();
+    let mut publisher = Publisher::new(handle.clone());
+    let source = loaded.path.display().to_string();
+    if let Err(errors) = publisher.publish(loaded.spec.clone(), &source) {
+        eprintln!("{}", loaded.diagnose(&errors));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let spec = loaded.spec;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // Bind everything before serving anything, so a bind failure leaves nothing half-up.
+    let mut bound = Vec::new();
+    for l in &spec.listeners {
+        match bind(&l.address).await {
+            Ok(sock) => bound.push((l.name.clone(), sock)),
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("strait: {e}");
+                return ExitCode::from(EXIT_BIND);
+            }
+        }
+    }
+    let admin_addr = cli
+        .admin_addr
+        .map_or_else(|| spec.admin.address.clone(), |a| a.to_string());
+    let admin_sock = match bind(&admin_addr).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("strait: {e}");
+            return ExitCode::from(EXIT_BIND);
+        }
+    };
+
+    let mut servers = tokio::task::JoinSet::new();
+    for (name, sock) in bound {
+        let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(listener = %name, address = %local, "listening");
+        let cx = ListenerContext {
+            name: name.into(),
+            table: handle.clone(),
+            limits: spec.limits.clone(),
+        };
+        servers.spawn(serve(sock, cx, stopped()));
+    }
+    let admin = Arc::new(Admin::new(handle.clone(), prometheus.clone()));
+    let admin_local = admin_sock
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    tracing::info!(address = %admin_local, "admin listening");
+    // The admin listener stays up through the drain so probes see /ready turn 503; it ends
+    // with the process.
+    tokio::spawn(serve_admin(
+        admin_sock,
+        Arc::clone(&admin),
+        std::future::pending(),
+    ));
+    if let Some(p) = prometheus {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                p.run_upkeep();
+            }
+        });
+    }
+    tokio::spawn(strait_control::reload::run(
+        loaded.path.clone(),
+        publisher,
+        stopped(),
+    ));
+
+    wait_for_stop_signal().await;
+    admin.start_draining();
+    let drain = handle
+        .current()
+        .map_or(spec.limits.drain_timeout, |t| t.spec.limits.drain_timeout);
+    tracing::info!(timeout = ?drain, "draining: refusing new connections, finishing in-flight requests");
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(drain, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections");
+    } else {
+        tracing::info!("drained; exiting");
+    }
+    ExitCode::SUCCESS
+}
+
+async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+        match s {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        () = recv(&mut term) => tracing::info!("SIGTERM received"),
+        () = recv(&mut int) => tracing::info!("SIGINT received"),
+    }
+}
