@@ -1,0 +1,352 @@
+//! Forwarding behaviour through a real proxy on 127.0.0.1: headers, errors, limits,
+//! HTTP/2, WebSocket and gRPC, and table swaps under load.
+
+mod support;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use support::*;
+use tokio::net::TcpListener;
+
+fn one_backend(addr: impl std::fmt::Display, route_extra: &str) -> String {
+    format!(
+        r#"
+access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - match: {{prefix: /api}}
+        forward: {{backend: b}}
+        rewrite_prefix: /v2
+        request_headers: {{set: {{x-added: yes}}}}
+        response_headers: {{add: {{x-resp: added}}, remove: [x-upstream]}}
+        {route_extra}
+      - forward: {{backend: b}}
+        {route_extra}
+backends:
+  - name: b
+    endpoints: ["{addr}"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn forwarding_headers_rewrite_and_request_id() {
+    let up = Upstream::start("up").await;
+    let proxy = TestProxy::start(&one_backend(up.addr, "")).await;
+    let c = client();
+    let req = http::Request::get(proxy.url("/api/users?q=1"))
+        .header("host", "shop.example.com")
+        .header("x-forwarded-for", "203.0.113.9")
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "secret")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let r = send(&c, req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-seen-host"),
+        "shop.example.com",
+        "Host preserved"
+    );
+    assert_eq!(
+        r.header("x-seen-xff"),
+        "203.0.113.9, 127.0.0.1",
+        "X-Forwarded-For appended"
+    );
+    assert_eq!(r.header("x-seen-proto"), "http");
+    assert_eq!(
+        r.header("x-seen-path"),
+        "/v2/users?q=1",
+        "prefix rewritten, query kept"
+    );
+    assert_eq!(r.header("x-seen-added"), "yes");
+    assert_eq!(r.header("x-resp"), "added");
+    assert_eq!(r.header("x-upstream"), "", "response header removed");
+    let id = r.header("x-request-id");
+    assert_eq!(id.len(), 36, "generated request id returned: {id:?}");
+    assert_eq!(r.header("x-seen-request-id"), id, "same id sent upstream");
+    // A client-supplied id is kept.
+    let req = http::Request::get(proxy.url("/")).header("x-request-id", "abc-123");
+    let r = send(&c, req.body(http_body_util::Empty::new()).unwrap()).await;
+    assert_eq!(r.header("x-request-id"), "abc-123");
+    assert_eq!(r.header("x-seen-request-id"), "abc-123");
+}
+
+#[tokio::test]
+async fn dead_upstream_is_502_and_slow_upstream_is_504() {
+    // A port that was just free: nothing listens there.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let proxy = TestProxy::start(&one_backend(dead, "")).await;
+    let r = get(&client(), &proxy.url("/")).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-strait-error"), "connect-failed");
+    assert!(
+        r.body.contains(&dead.to_string()),
+        "body says why: {}",
+        r.body
+    );
+
+    let slow = Upstream::start_with_delay("slow", Duration::from_secs(5)).await;
+    let proxy = TestProxy::start(&one_backend(slow.addr, "timeout: 200ms")).await;
+    let started = std::time::Instant::now();
+    let r = get(&client(), &proxy.url("/")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-strait-error"), "upstream-timeout");
+    assert!(started.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn oversized_request_headers_are_rejected() {
+    let up = Upstream::start("up").await;
+    let proxy = TestProxy::start(&one_backend(up.addr, "")).await;
+    let big = "x".repeat(80 * 1024); // over the 64 KiB default
+    let req = http::Request::get(proxy.url("/")).header("x-big", big);
+    let r = send(&client(), req.body(http_body_util::Empty::new()).unwrap()).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(up.hits(), 0, "never reached the upstream");
+}
+
+#[tokio::test]
+async fn h2c_downstream_reaches_an_http1_upstream() {
+    let up = Upstream::start("up").await;
+    let proxy = TestProxy::start(&one_backend(up.addr, "")).await;
+    let req = http::Request::get(proxy.url("/x"))
+        .version(http::Version::HTTP_2)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let r = send(&h2_client(), req).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, "up");
+    assert_eq!(
+        r.header("x-seen-host"),
+        proxy.addr.to_string(),
+        ":authority becomes Host"
+    );
+}
+
+#[tokio::test]
+async fn unmatched_request_without_default_route_is_404() {
+    let proxy = TestProxy::start(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - match: {exact: /only}\n        direct_response: {status: 204}\n",
+    )
+    .await;
+    let r = get(&client(), &proxy.url("/other")).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("x-strait-error"), "no-route");
+    assert!(r.body.contains("/other"));
+}
+
+/// Alternates between two configs that both route to the same upstreams.
+fn swap_config(n: usize, a: &Upstream, b: &Upstream) -> String {
+    let policy = if n % 2 == 0 {
+        "round_robin"
+    } else {
+        "least_request"
+    };
+    format!(
+        r#"
+access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - name: r{n}
+        forward: {{backend: b}}
+backends:
+  - name: b
+    policy: {policy}
+    endpoints: ["{}", "{}"]
+"#,
+        a.addr, b.addr
+    )
+}
+
+#[tokio::test]
+async fn reload_under_load_fails_no_request() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let mut proxy = TestProxy::start(&swap_config(0, &a, &b)).await;
+    let c = client();
+    let mut load = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let (c, url) = (c.clone(), proxy.url("/"));
+        load.spawn(async move {
+            let mut ok = 0;
+            for _ in 0..750 {
+                let r = get(&c, &url).await;
+                assert_eq!(r.status, 200, "{}", r.body);
+                ok += 1;
+            }
+            ok
+        });
+    }
+    for n in 1..=40 {
+        let generation = proxy.reload(&swap_config(n, &a, &b)).unwrap();
+        assert_eq!(generation, n as u64 + 1);
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let mut total = 0;
+    while let Some(r) = load.join_next().await {
+        total += r.unwrap();
+    }
+    assert_eq!(total, 3000);
+    assert_eq!(a.hits() + b.hits(), 3000);
+}
+
+#[tokio::test]
+async fn bad_reload_keeps_the_running_table() {
+    let up = Upstream::start("up").await;
+    let mut proxy = TestProxy::start(&one_backend(up.addr, "")).await;
+    let err = proxy
+        .reload(&one_backend("not-an-address", ""))
+        .unwrap_err();
+    assert!(
+        err.contains("test.yaml:") && err.contains("expected ip:port"),
+        "{err}"
+    );
+    let err = proxy.reload("listeners: [").unwrap_err();
+    assert!(err.contains("test.yaml:"), "{err}");
+    assert_eq!(proxy.handle.current().unwrap().generation, 1);
+    assert_eq!(get(&client(), &proxy.url("/")).await.body, "up");
+}
+
+/// A WebSocket echo server.
+async fn ws_echo() -> std::net::SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut ws = tokio_tungstenite::accept_async(s).await.unwrap();
+                while let Some(Ok(m)) = ws.next().await {
+                    if m.is_text() && ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_echo_survives_a_table_swap() {
+    let echo = ws_echo().await;
+    let mut proxy = TestProxy::start(&one_backend(echo, "")).await;
+    let (mut ws, resp) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
+        .await
+        .expect("upgrade through the proxy");
+    assert_eq!(resp.status(), 101);
+    ws.send("before".into()).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "before"
+    );
+    // Swap to a table whose backend has no endpoints: the open tunnel is unaffected.
+    proxy
+        .reload("listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 503}\n")
+        .unwrap();
+    assert_eq!(
+        get(&client(), &proxy.url("/")).await.status,
+        503,
+        "new table in force"
+    );
+    ws.send("after".into()).await.unwrap();
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "after"
+    );
+}
+
+#[tokio::test]
+async fn grpc_stream_survives_a_table_swap() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("svc", tonic_health::ServingStatus::Serving)
+        .await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = l.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
+    );
+    let yaml = |policy: &str| {
+        format!(
+            "access_log: {{enabled: false}}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: g}}\nbackends:\n  - name: g\n    protocol: h2c\n    policy: {policy}\n    endpoints: [\"{grpc_addr}\"]\n"
+        )
+    };
+    let mut proxy = TestProxy::start(&yaml("round_robin")).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = HealthClient::new(channel);
+    // Unary call: trailers (grpc-status) made it through.
+    let r = client
+        .check(HealthCheckRequest {
+            service: "svc".into(),
+        })
+        .await
+        .expect("unary call through the proxy");
+    assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+    // Server stream opened before the swap keeps delivering after it.
+    let mut stream = client
+        .watch(HealthCheckRequest {
+            service: "svc".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+    proxy.reload(&yaml("least_request")).unwrap();
+    reporter
+        .set_service_status("svc", tonic_health::ServingStatus::NotServing)
+        .await;
+    let next = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("update within 5s")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status, ServingStatus::NotServing as i32);
+}
+
+#[tokio::test]
+async fn drain_finishes_an_in_flight_request() {
+    let slow = Upstream::start_with_delay("slow", Duration::from_millis(500)).await;
+    let proxy = TestProxy::start(&one_backend(slow.addr, "")).await;
+    let c = client();
+    let url = proxy.url("/");
+    let inflight = tokio::spawn(async move { get(&c, &url).await });
+    eventually(
+        Duration::from_secs(5),
+        "request reaches the upstream",
+        || {
+            let hits = slow.hits();
+            async move { hits == 1 }
+        },
+    )
+    .await;
+    let addr = proxy.addr;
+    tokio::time::timeout(Duration::from_secs(5), proxy.shutdown())
+        .await
+        .expect("drains once the request finishes");
+    let r = inflight.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "slow"));
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}

@@ -1,0 +1,349 @@
+//! Shared test harness: real upstream servers on 127.0.0.1:0, an in-process proxy, the
+//! built binary, and an `eventually` helper that polls with a deadline instead of sleeping.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use strait_control::publisher::Publisher;
+use strait_control::source::file;
+use strait_proxy::listener::{serve, ListenerContext};
+use strait_proxy::table::TableHandle;
+use tokio::io::AsyncBufReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A real HTTP/1.1 upstream that answers with its name. It echoes what it saw in headers
+/// (`x-seen-host`, `x-seen-path`, `x-seen-xff`, `x-seen-request-id`) and waits
+/// `x-delay-ms` before answering when the request asks for it.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub hits: Arc<AtomicUsize>,
+    _stop: watch::Sender<()>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Self {
+        Self::start_with_delay(name, Duration::ZERO).await
+    }
+
+    /// An upstream that always waits `delay` before answering.
+    pub async fn start_with_delay(name: &str, delay: Duration) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = watch::channel(());
+        let n: Arc<str> = name.into();
+        let h = Arc::clone(&hits);
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = tokio::select! {
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    _ = stopped.changed() => return,
+                };
+                let (n, h) = (Arc::clone(&n), Arc::clone(&h));
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (n, h) = (Arc::clone(&n), Arc::clone(&h));
+                        async move { Ok::<_, Infallible>(answer(&n, &h, delay, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(s), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Self {
+            addr,
+            name: name.to_owned(),
+            hits,
+            _stop: stop,
+        }
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(
+    name: &str,
+    hits: &AtomicUsize,
+    delay: Duration,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    hits.fetch_add(1, Ordering::SeqCst);
+    let extra = req
+        .headers()
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default();
+    let sleep = delay + extra;
+    if !sleep.is_zero() {
+        tokio::time::sleep(sleep).await;
+    }
+    let mut resp = Response::new(Full::new(Bytes::from(name.to_owned())));
+    let h = resp.headers_mut();
+    h.insert("x-upstream", name.parse().unwrap());
+    for (seen, header) in [
+        ("x-seen-host", "host"),
+        ("x-seen-xff", "x-forwarded-for"),
+        ("x-seen-proto", "x-forwarded-proto"),
+        ("x-seen-request-id", "x-request-id"),
+        ("x-seen-added", "x-added"),
+        ("x-seen-connection", "connection"),
+    ] {
+        if let Some(v) = req.headers().get(header) {
+            h.insert(seen, v.clone());
+        }
+    }
+    h.insert(
+        "x-seen-path",
+        req.uri()
+            .path_and_query()
+            .unwrap()
+            .as_str()
+            .parse()
+            .unwrap(),
+    );
+    resp
+}
+
+/// A proxy running in this process on 127.0.0.1:0, fed from YAML text.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub publisher: Publisher,
+    pub handle: TableHandle,
+    stop: watch::Sender<bool>,
+    pub served: tokio::task::JoinHandle<()>,
+}
+
+impl TestProxy {
+    /// Starts the first listener of `yaml` on a free port.
+    pub async fn start(yaml: &str) -> Self {
+        let spec = file::parse(Path::new("test.yaml"), yaml).unwrap_or_else(|e| panic!("{e}"));
+        let handle = TableHandle::default();
+        let mut publisher = Publisher::new(handle.clone());
+        publisher
+            .publish(spec.clone(), "test")
+            .expect("config compiles");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, rx) = watch::channel(false);
+        let cx = ListenerContext {
+            name: spec.listeners[0].name.as_str().into(),
+            table: handle.clone(),
+            limits: spec.limits.clone(),
+        };
+        let served = tokio::spawn(serve(listener, cx, async move {
+            let mut rx = rx;
+            let _ = rx.wait_for(|s| *s).await;
+        }));
+        Self {
+            addr,
+            publisher,
+            handle,
+            stop,
+            served,
+        }
+    }
+
+    /// Publishes new YAML (listeners must stay the same).
+    pub fn reload(&mut self, yaml: &str) -> Result<u64, String> {
+        let spec = file::parse(Path::new("test.yaml"), yaml).map_err(|e| e.to_string())?;
+        self.publisher
+            .publish(spec, "test")
+            .map_err(|e| format!("{e:?}"))
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Stops accepting and drains; resolves when every connection has finished.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.served.await;
+    }
+}
+
+pub type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Empty<Bytes>>;
+
+pub fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> HttpClient {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response with its body read.
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(|v| v.to_str().unwrap())
+            .unwrap_or("")
+    }
+}
+
+pub async fn send(client: &HttpClient, req: Request<Empty<Bytes>>) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("response within 10s")
+        .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+pub async fn get(client: &HttpClient, url: &str) -> Reply {
+    send(client, Request::get(url).body(Empty::new()).unwrap()).await
+}
+
+/// GET with a Host header.
+pub async fn get_host(client: &HttpClient, url: &str, host: &str) -> Reply {
+    send(
+        client,
+        Request::get(url)
+            .header("host", host)
+            .body(Empty::new())
+            .unwrap(),
+    )
+    .await
+}
+
+/// Polls `check` until it returns true or `within` passes.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The built `strait` binary, running with JSON logs; its listener and admin addresses are
+/// read from its log lines, so configs can use port 0.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    pub listeners: Vec<(String, SocketAddr)>,
+    pub admin: SocketAddr,
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Binary {
+    pub async fn start(config: &Path) -> Self {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+            .arg("--config")
+            .arg(config)
+            .args([
+                "--log-format",
+                "json",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--worker-threads",
+                "2",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("strait binary starts");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut listeners = Vec::new();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let admin = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                log.lock().unwrap().push(line.clone());
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                let addr = || {
+                    v["address"]
+                        .as_str()
+                        .unwrap()
+                        .parse::<SocketAddr>()
+                        .unwrap()
+                };
+                match v["message"].as_str() {
+                    Some("listening") => {
+                        listeners.push((v["listener"].as_str().unwrap().to_owned(), addr()))
+                    }
+                    Some("admin listening") => return addr(),
+                    _ => {}
+                }
+            }
+            panic!("strait exited before listening: {:?}", log.lock().unwrap());
+        })
+        .await
+        .expect("strait listens within 20s");
+        let sink = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            listeners,
+            admin,
+            log,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listeners[0].1, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id().expect("running").to_string();
+        let ok = std::process::Command::new("kill")
+            .args(["-s", sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -s {sig} {pid}");
+    }
+
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
