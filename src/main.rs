@@ -177,6 +177,10 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
         eprintln!("{}", loaded.diagnose(&errors));
         return ExitCode::from(EXIT_CONFIG);
     }
+    strait_control::reload::count(true);
+    // Watch for changes before serving, so none is missed.
+    let reloader =
+        strait_control::reload::Reloader::new(loaded.path.clone(), publisher, &loaded.text);
     let spec = loaded.spec;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -243,11 +247,7 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
             }
         });
     }
-    tokio::spawn(strait_control::reload::run(
-        loaded.path.clone(),
-        publisher,
-        stopped(),
-    ));
+    tokio::spawn(reloader.run(stopped()));
 
     wait_for_stop_signal().await;
     admin.start_draining();

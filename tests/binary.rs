@@ -204,15 +204,7 @@ async fn sigterm_waits_for_a_slow_request() {
     let mut bin = Binary::start(&cfg).await;
     let (c, url) = (client(), bin.url("/"));
     let inflight = tokio::spawn(async move { get(&c, &url).await });
-    eventually(
-        Duration::from_secs(5),
-        "request reaches the upstream",
-        || {
-            let hits = slow.hits();
-            async move { hits == 1 }
-        },
-    )
-    .await;
+    slow.wait_for_hits(1).await;
     bin.signal("TERM");
     // While draining, /ready says so (the admin listener stays up until exit).
     let admin = bin.admin_url("/ready");

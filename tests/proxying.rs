@@ -330,15 +330,7 @@ async fn drain_finishes_an_in_flight_request() {
     let c = client();
     let url = proxy.url("/");
     let inflight = tokio::spawn(async move { get(&c, &url).await });
-    eventually(
-        Duration::from_secs(5),
-        "request reaches the upstream",
-        || {
-            let hits = slow.hits();
-            async move { hits == 1 }
-        },
-    )
-    .await;
+    slow.wait_for_hits(1).await;
     let addr = proxy.addr;
     tokio::time::timeout(Duration::from_secs(5), proxy.shutdown())
         .await
@@ -349,4 +341,88 @@ async fn drain_finishes_an_in_flight_request() {
         tokio::net::TcpStream::connect(addr).await.is_err(),
         "no longer accepting"
     );
+}
+
+#[tokio::test]
+async fn dot_segments_cannot_escape_a_prefix() {
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - match: {{prefix: /public}}
+        forward: {{backend: b}}
+      - match: {{prefix: /admin}}
+        direct_response: {{status: 403, body: admin-blocked}}
+backends:
+  - name: b
+    endpoints: ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let c = client();
+    let r = get(&c, &proxy.url("/public/../admin/x")).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (403, "admin-blocked"));
+    let r = get(&c, &proxy.url("/public/%2e%2E/admin")).await;
+    assert_eq!(r.status, 403);
+    let r = get(&c, &proxy.url("/public/./a/../b?q=1")).await;
+    assert_eq!(
+        r.header("x-seen-path"),
+        "/public/b?q=1",
+        "normalized path forwarded"
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn connection_limit_holds_extra_connections_until_one_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = TestProxy::start(
+        "limits: {max_connections: 1}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: ok}\n",
+    )
+    .await;
+    let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    first.write_all(request).await.unwrap();
+    let mut buf = [0u8; 256];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // The second connection is accepted by the kernel but not served while the first is open.
+    let mut second = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(request).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(
+        waited.is_err(),
+        "second connection served while the limit was reached"
+    );
+    drop(first);
+    let n = tokio::time::timeout(Duration::from_secs(5), second.read(&mut buf))
+        .await
+        .expect("served once the first closed")
+        .unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+}
+
+#[tokio::test]
+async fn slow_request_headers_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = TestProxy::start(
+        "limits: {header_read_timeout: 300ms}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200}\n",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap(); // never finishes the head
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection closed by the server");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
 }

@@ -12,6 +12,9 @@ pub const ERROR_HEADER: &str = "x-strait-error";
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
+    /// The request cannot be routed as sent.
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
     /// No route matched and the listener has no default route.
     #[error("no route for host {host:?} and path {path:?}")]
     NoRoute {
@@ -62,6 +65,7 @@ impl ProxyError {
     /// The status code sent downstream.
     pub fn status(&self) -> StatusCode {
         match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
             Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
@@ -73,6 +77,7 @@ impl ProxyError {
     /// The value of the `x-strait-error` header: a stable code for dashboards and clients.
     pub fn code(&self) -> HeaderValue {
         HeaderValue::from_static(match self {
+            Self::BadRequest(_) => "bad-request",
             Self::NoRoute { .. } => "no-route",
             Self::NoEndpoints(_) => "no-endpoints",
             Self::Connect { .. } => "connect-failed",

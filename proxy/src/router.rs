@@ -188,6 +188,49 @@ impl<R> Router<R> {
     }
 }
 
+/// Removes dot segments (`.`, `..`, and their `%2e` spellings) from a request path, as
+/// RFC 3986 section 5.2.4 does, so `/public/../admin` cannot match a `/public` prefix and then
+/// reach `/admin` upstream. `None` when the path has none (the common case allocates nothing).
+pub fn normalize_path(path: &str) -> Option<String> {
+    fn dot(seg: &str) -> bool {
+        seg == "." || seg.eq_ignore_ascii_case("%2e")
+    }
+    fn dotdot(seg: &str) -> bool {
+        seg.len() >= 2 && seg.len() <= 6 && {
+            let lower = seg.to_ascii_lowercase();
+            matches!(lower.as_str(), ".." | ".%2e" | "%2e." | "%2e%2e")
+        }
+    }
+    if !path.bytes().any(|b| b == b'.' || b == b'%') {
+        return None;
+    }
+    if !path.split('/').any(|seg| dot(seg) || dotdot(seg)) {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in path.split('/').skip(1) {
+        trailing = false;
+        if dot(seg) {
+            trailing = true;
+        } else if dotdot(seg) {
+            out.pop();
+            trailing = true;
+        } else {
+            out.push(seg);
+        }
+    }
+    let mut s = String::with_capacity(path.len());
+    for seg in &out {
+        s.push('/');
+        s.push_str(seg);
+    }
+    if trailing || s.is_empty() {
+        s.push('/');
+    }
+    Some(s)
+}
+
 /// Longest host name we look up; longer ones cannot be valid DNS names and match nothing
 /// but the any-host routes.
 pub const MAX_HOST_LEN: usize = 253;
@@ -249,6 +292,23 @@ mod tests {
         assert_eq!(normalize_host("example.com", &mut buf), "example.com");
         let mut buf = [0; MAX_HOST_LEN];
         assert_eq!(normalize_host("[::1]:80", &mut buf), "::1");
+    }
+
+    #[test]
+    fn dot_segments_are_removed() {
+        assert_eq!(normalize_path("/a/b"), None);
+        assert_eq!(normalize_path("/a/v1.2/x"), None);
+        assert_eq!(
+            normalize_path("/public/../admin").as_deref(),
+            Some("/admin")
+        );
+        assert_eq!(
+            normalize_path("/public/%2E%2e/admin").as_deref(),
+            Some("/admin")
+        );
+        assert_eq!(normalize_path("/a/./b/.").as_deref(), Some("/a/b/"));
+        assert_eq!(normalize_path("/../../x").as_deref(), Some("/x"));
+        assert_eq!(normalize_path("/a/..").as_deref(), Some("/"));
     }
 
     #[test]

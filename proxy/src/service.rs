@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use crate::body::{Completion, ObservedBody, ProxyBody};
 use crate::error::{ProxyError, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
-use crate::router::{normalize_host, MAX_HOST_LEN};
+use crate::router::{normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{Action, DirectResponse, Forward, HashKey, Redirect, Route, TableHandle};
 use crate::upstream::{send_http1, Upstream};
 
@@ -63,14 +63,15 @@ pub async fn handle(
 
 async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<ObservedBody> {
     let start = Instant::now();
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = headers::new_request_id();
-            req.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
-            v
+    if let Some(path) = normalize_path(req.uri().path()) {
+        match with_path(req.uri(), &path) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => {
+                let err = ProxyError::BadRequest("unusable path after removing dot segments");
+                return error_response(&err, req.version()).map(ObservedBody::bare);
+            }
         }
-    };
+    }
     let host = req.headers().get(header::HOST).cloned().or_else(|| {
         req.uri()
             .authority()
@@ -99,6 +100,15 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         (found, table.access_log)
     };
 
+    // The id is added after matching, so a route's header condition sees what the client sent.
+    let request_id = match req.headers().get(&X_REQUEST_ID) {
+        Some(v) => v.clone(),
+        None => {
+            let v = headers::new_request_id();
+            req.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
+            v
+        }
+    };
     let mut done = Completion {
         start,
         method: req.method().clone(),
@@ -371,6 +381,17 @@ fn request_hash(key: &HashKey, req: &Request<Incoming>, client: SocketAddr) -> O
             headers::cookie(req.headers(), name).map(|v| xxh3_64(v.as_bytes()))
         }
     }
+}
+
+/// `uri` with its path replaced, query kept.
+fn with_path(uri: &Uri, path: &str) -> Option<Uri> {
+    let pq = match uri.query() {
+        Some(q) => PathAndQuery::try_from(format!("{path}?{q}")).ok()?,
+        None => PathAndQuery::try_from(path).ok()?,
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq);
+    Uri::from_parts(parts).ok()
 }
 
 /// Replaces the matched prefix `from` (without trailing slash; empty for `/`) with `to`.

@@ -77,6 +77,20 @@ impl Upstream {
     pub fn hits(&self) -> usize {
         self.hits.load(Ordering::SeqCst)
     }
+
+    /// Waits until this upstream has received `n` requests.
+    pub async fn wait_for_hits(&self, n: usize) {
+        let hits = Arc::clone(&self.hits);
+        eventually(
+            Duration::from_secs(5),
+            "requests reach the upstream",
+            move || {
+                let now = hits.load(Ordering::SeqCst);
+                async move { now >= n }
+            },
+        )
+        .await;
+    }
 }
 
 async fn answer(

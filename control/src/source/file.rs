@@ -147,6 +147,46 @@ mod tests {
     }
 
     #[test]
+    fn rejects_typos_in_weighted_endpoints_and_hash_keys() {
+        let text = "listeners:\n  - name: web\n    address: 127.0.0.1:1\nbackends:\n  - name: b\n    endpoints: [{address: \"10.0.0.1:80\", wieght: 3}]\n";
+        let d = errors(text);
+        assert!(d[0].message.contains("an endpoint"), "{d:?}");
+        let text = "listeners:\n  - name: web\n    address: 127.0.0.1:1\nbackends:\n  - name: b\n    policy: maglev\n    hash: {header: a, cookie: b}\n";
+        let d = errors(text);
+        assert!(d[0].message.contains("client_ip, {header: NAME}"), "{d:?}");
+    }
+
+    #[test]
+    fn rejects_self_redirects_and_timeouts_on_local_routes() {
+        let text = "\
+listeners:
+  - name: web
+    address: 127.0.0.1:1
+    routes:
+      - redirect: {}
+      - direct_response: {status: 200}
+        timeout: 1s
+";
+        let d = errors(text);
+        assert_eq!(d.len(), 2, "{d:#?}");
+        assert!(d[0].message.contains("points at itself"), "{d:?}");
+        assert!(
+            d[1].message
+                .contains("timeout applies to forward routes only"),
+            "{d:?}"
+        );
+        assert_eq!(d[1].line, 7);
+    }
+
+    #[test]
+    fn an_invalid_backend_is_not_also_reported_unknown() {
+        let text = "listeners:\n  - name: web\n    address: 127.0.0.1:1\n    routes:\n      - forward: {backend: b}\nbackends:\n  - name: b\n    endpoints: [\"nope\"]\n";
+        let d = errors(text);
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert!(d[0].message.contains("expected ip:port"));
+    }
+
+    #[test]
     fn unknown_field_has_a_position() {
         let d = errors("listeners:\n  - name: web\n    adress: 127.0.0.1:1\n");
         assert_eq!((d[0].line, d[0].column), (3, 5), "{d:?}");

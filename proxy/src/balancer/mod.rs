@@ -68,14 +68,9 @@ impl Balancer {
             Self::PeakEwma => Some(p2c::pick(endpoints, |e| {
                 e.peak_ewma_cost() / f64::from(e.weight())
             })),
-            Self::RingHash(r) => match hash {
-                Some(h) => r.pick(h),
-                None => Some(fastrand::usize(..endpoints.len())),
-            },
-            Self::Maglev(m) => match hash {
-                Some(h) => m.pick(h),
-                None => Some(fastrand::usize(..endpoints.len())),
-            },
+            // Without a key, a random point: still weighted, never a weight-0 endpoint.
+            Self::RingHash(r) => r.pick(hash.unwrap_or_else(|| fastrand::u64(..))),
+            Self::Maglev(m) => m.pick(hash.unwrap_or_else(|| fastrand::u64(..))),
         }
     }
 

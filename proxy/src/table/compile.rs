@@ -88,6 +88,9 @@ pub fn compile(
     };
 
     let mut backends: HashMap<&str, Arc<Backend>> = HashMap::new();
+    // Backends that are declared but invalid: routes naming them already have an error
+    // reported at the backend, so they must not add a misleading "unknown backend".
+    let mut invalid: HashSet<&str> = HashSet::new();
     let mut ordered = Vec::new();
     for (i, b) in spec.backends.iter().enumerate() {
         let path = format!("backends[{i}]");
@@ -98,10 +101,15 @@ pub fn compile(
             );
             continue;
         }
-        if let Some(backend) = compile_backend(&mut cx, &path, b) {
-            let backend = Arc::new(backend);
-            backends.insert(&b.name, Arc::clone(&backend));
-            ordered.push(backend);
+        match compile_backend(&mut cx, &path, b) {
+            Some(backend) => {
+                let backend = Arc::new(backend);
+                backends.insert(&b.name, Arc::clone(&backend));
+                ordered.push(backend);
+            }
+            None => {
+                invalid.insert(&b.name);
+            }
         }
     }
 
@@ -132,7 +140,11 @@ pub fn compile(
             ),
             Ok(_) => {}
         }
-        listeners.push(compile_listener(&mut cx, &path, l, &backends));
+        let known = Known {
+            backends: &backends,
+            invalid: &invalid,
+        };
+        listeners.push(compile_listener(&mut cx, &path, l, &known));
     }
     if spec.listeners.is_empty() {
         cx.err("listeners", "at least one listener is required");
@@ -288,11 +300,17 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
     })
 }
 
+/// Backends routes may name.
+struct Known<'a> {
+    backends: &'a HashMap<&'a str, Arc<Backend>>,
+    invalid: &'a HashSet<&'a str>,
+}
+
 fn compile_listener(
     cx: &mut Ctx<'_>,
     path: &str,
     l: &ListenerSpec,
-    backends: &HashMap<&str, Arc<Backend>>,
+    known: &Known<'_>,
 ) -> ListenerTable {
     let mut router = Router::default();
     let mut names = HashSet::new();
@@ -306,7 +324,7 @@ fn compile_listener(
             );
         }
         let (hosts, pm, cond) = compile_match(cx, &format!("{rpath}.match"), &r.matches);
-        if let Some(route) = compile_route(cx, &rpath, &l.name, name, r, &pm, backends) {
+        if let Some(route) = compile_route(cx, &rpath, &l.name, name, r, &pm, known) {
             router.insert(&hosts, &pm, &cond, Arc::new(route));
         }
     }
@@ -323,7 +341,7 @@ fn compile_listener(
             .clone()
             .unwrap_or_else(|| format!("{}/default", l.name));
         let pm = PathMatch::Prefix("/".into());
-        if let Some(route) = compile_route(cx, &dpath, &l.name, name, d, &pm, backends) {
+        if let Some(route) = compile_route(cx, &dpath, &l.name, name, d, &pm, known) {
             router.set_default(Arc::new(route));
         }
     }
@@ -434,7 +452,7 @@ fn compile_route(
     name: String,
     r: &RouteSpec,
     pm: &PathMatch,
-    backends: &HashMap<&str, Arc<Backend>>,
+    known: &Known<'_>,
 ) -> Option<Route> {
     let before = cx.errors.len();
     let actions = [
@@ -445,7 +463,7 @@ fn compile_route(
     let action = match actions.iter().filter(|a| **a).count() {
         1 => {
             if let Some(f) = &r.forward {
-                compile_forward(cx, &format!("{path}.forward"), listener, &name, f, backends)
+                compile_forward(cx, &format!("{path}.forward"), listener, &name, f, known)
                     .map(Action::Forward)
             } else if let Some(rd) = &r.redirect {
                 compile_redirect(cx, &format!("{path}.redirect"), rd).map(Action::Redirect)
@@ -483,18 +501,34 @@ fn compile_route(
             None
         }
     };
+    if r.timeout.is_some() && r.forward.is_none() {
+        cx.err(
+            format!("{path}.timeout"),
+            "timeout applies to forward routes only",
+        );
+    }
     if cx.errors.len() > before {
         return None;
     }
+    let action = action?;
+    // A forwarding route's own metrics are its first backend's, so it exports no series
+    // with an empty backend label.
+    let local_metrics = match &action {
+        Action::Forward(f) => match f.targets.first() {
+            Some(t) => Arc::clone(&t.metrics),
+            None => cx.metrics(listener, &name, ""),
+        },
+        _ => cx.metrics(listener, &name, ""),
+    };
     let timeout = match r.timeout {
         None => Some(DEFAULT_ROUTE_TIMEOUT),
         Some(t) if t.is_zero() => None,
         Some(t) => Some(t),
     };
     Some(Route {
-        local_metrics: cx.metrics(listener, &name, ""),
+        local_metrics,
         name: name.into(),
-        action: action?,
+        action,
         timeout,
         request_headers,
         response_headers,
@@ -508,7 +542,7 @@ fn compile_forward(
     listener: &str,
     route: &str,
     f: &ForwardSpec,
-    backends: &HashMap<&str, Arc<Backend>>,
+    known: &Known<'_>,
 ) -> Option<Forward> {
     let wanted: Vec<(String, &str, u32)> = match (&f.backend, f.backends.is_empty()) {
         (Some(b), true) => vec![(format!("{path}.backend"), b.as_str(), 1)],
@@ -535,7 +569,7 @@ fn compile_forward(
     let mut targets = Vec::new();
     let mut weights = Vec::new();
     for (p, name, weight) in wanted {
-        match backends.get(name) {
+        match known.backends.get(name) {
             Some(b) => {
                 targets.push(Target {
                     backend: Arc::clone(b),
@@ -543,8 +577,14 @@ fn compile_forward(
                 });
                 weights.push(weight);
             }
+            None if known.invalid.contains(name) => {}
             None => {
-                let mut known: Vec<&str> = backends.keys().copied().collect();
+                let mut known: Vec<&str> = known
+                    .backends
+                    .keys()
+                    .chain(known.invalid.iter())
+                    .copied()
+                    .collect();
                 known.sort_unstable();
                 cx.err(
                     p,
@@ -566,6 +606,13 @@ fn compile_forward(
 }
 
 fn compile_redirect(cx: &mut Ctx<'_>, path: &str, r: &RedirectSpec) -> Option<Redirect> {
+    if r.scheme.is_none() && r.host.is_none() && r.port.is_none() && r.path.is_none() {
+        cx.err(
+            path,
+            "a redirect needs at least one of scheme, host, port, path (else it points at itself)",
+        );
+        return None;
+    }
     let status = match r.status {
         301 | 302 | 303 | 307 | 308 => StatusCode::from_u16(r.status).ok()?,
         s => {

@@ -312,7 +312,11 @@ fn default_connect_timeout() -> Duration {
 
 /// An endpoint: `ip:port`, or a map with a weight.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "an endpoint: \"ip:port\" or {address: \"ip:port\", weight: N}"
+)]
 pub enum EndpointSpec {
     /// `ip:port`, weight 1.
     Address(String),
@@ -368,7 +372,11 @@ pub enum Policy {
 
 /// What a consistent-hash policy hashes: `client_ip`, `{header: NAME}` or `{cookie: NAME}`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(untagged, expecting = "client_ip, {header: NAME} or {cookie: NAME}")]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "client_ip, {header: NAME} or {cookie: NAME}"
+)]
 pub enum HashKeySpec {
     /// A named source without argument.
     Source(HashSource),
