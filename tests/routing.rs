@@ -281,3 +281,29 @@ async fn maglev_is_sticky_and_remaps_minimally() {
     // Maglev trades a little extra movement for even load; the paper bounds it to a few %.
     hash_remapping("maglev", 0.9).await;
 }
+
+#[tokio::test]
+async fn weight_zero_endpoints_get_no_traffic_under_any_policy() {
+    let (a, b, c) = (
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    );
+    for policy in [
+        "round_robin",
+        "random",
+        "least_request",
+        "peak_ewma",
+        "ring_hash",
+        "maglev",
+    ] {
+        let yaml = format!(
+            "access_log: {{enabled: false}}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: b}}\nbackends:\n  - name: b\n    policy: {policy}\n    endpoints: [{{address: \"{}\", weight: 0}}, {{address: \"{}\", weight: 0}}, \"{}\"]\n",
+            a.addr, b.addr, c.addr
+        );
+        let proxy = TestProxy::start(&yaml).await;
+        let seen = tally(&proxy, 30, None).await;
+        assert_eq!(seen.get("c"), Some(&30), "{policy}: {seen:?}");
+    }
+    assert_eq!(a.hits() + b.hits(), 0);
+}

@@ -51,6 +51,10 @@ impl Publisher {
                 }]);
             }
         }
+        let spec = Arc::new(spec);
+        // A dry run first, so a rejected configuration registers no metrics and touches no
+        // live state.
+        compile(Arc::clone(&spec), source, self.generation + 1, None)?;
         if let Some(running) = self.handle.current() {
             if running.spec.limits != spec.limits || running.spec.admin != spec.admin {
                 tracing::warn!(
@@ -59,10 +63,6 @@ impl Publisher {
                 );
             }
         }
-        let spec = Arc::new(spec);
-        // A dry run first, so a rejected configuration registers no metrics and touches no
-        // live state.
-        compile(Arc::clone(&spec), source, self.generation + 1, None)?;
         let table = compile(spec, source, self.generation + 1, Some(&self.registries))?;
         self.generation += 1;
         let live: Vec<_> = table

@@ -63,13 +63,11 @@ pub async fn handle(
 
 async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<ObservedBody> {
     let start = Instant::now();
+    let mut bad_path = false;
     if let Some(path) = normalize_path(req.uri().path()) {
         match with_path(req.uri(), &path) {
             Some(uri) => *req.uri_mut() = uri,
-            None => {
-                let err = ProxyError::BadRequest("unusable path after removing dot segments");
-                return error_response(&err, req.version()).map(ObservedBody::bare);
-            }
+            None => bad_path = true,
         }
     }
     let host = req.headers().get(header::HOST).cloned().or_else(|| {
@@ -90,10 +88,13 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             &mut buf,
         );
-        let found = match lt
-            .router
-            .find(h, req.uri().path(), req.method(), req.headers())
-        {
+        let route = match bad_path {
+            true => None,
+            false => lt
+                .router
+                .find(h, req.uri().path(), req.method(), req.headers()),
+        };
+        let found = match route {
             Some(route) => Ok(Arc::clone(route)),
             None => Err(Arc::clone(&lt.unmatched)),
         };
@@ -130,6 +131,10 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
 
     let route = match found {
         Ok(route) => route,
+        Err(_) if bad_path => {
+            let err = ProxyError::BadRequest("unusable path after removing dot segments");
+            return finish_error(err, req.version(), done);
+        }
         Err(_) => {
             let err = ProxyError::NoRoute {
                 host: done

@@ -28,10 +28,10 @@ pub enum Balancer {
     RoundRobin(round_robin::Schedule),
     /// Weighted random.
     Random(random::WeightedRandom),
-    /// Power of two choices on in-flight requests.
-    LeastRequest,
-    /// Power of two choices on peak-EWMA cost.
-    PeakEwma,
+    /// Power of two choices on in-flight requests, over the endpoints with weight.
+    LeastRequest(Box<[u32]>),
+    /// Power of two choices on peak-EWMA cost, over the endpoints with weight.
+    PeakEwma(Box<[u32]>),
     /// Ketama ring.
     RingHash(ring_hash::Ring),
     /// Maglev lookup table.
@@ -45,8 +45,8 @@ impl Balancer {
         match policy {
             Policy::RoundRobin => Self::RoundRobin(round_robin::Schedule::new(&weights)),
             Policy::Random => Self::Random(random::WeightedRandom::new(&weights)),
-            Policy::LeastRequest => Self::LeastRequest,
-            Policy::PeakEwma => Self::PeakEwma,
+            Policy::LeastRequest => Self::LeastRequest(weighted(&weights)),
+            Policy::PeakEwma => Self::PeakEwma(weighted(&weights)),
             Policy::RingHash => Self::RingHash(ring_hash::Ring::new(endpoints)),
             Policy::Maglev => Self::Maglev(maglev::Maglev::new(endpoints)),
         }
@@ -61,13 +61,14 @@ impl Balancer {
         match self {
             Self::RoundRobin(s) => s.pick(),
             Self::Random(w) => w.pick(),
-            // Weight 0 makes the cost infinite: such an endpoint wins only against another.
-            Self::LeastRequest => Some(p2c::pick(endpoints, |e| {
+            Self::LeastRequest(live) => p2c::pick(live, |&i| {
+                let e = &endpoints[i as usize];
                 f64::from(e.in_flight() + 1) / f64::from(e.weight())
-            })),
-            Self::PeakEwma => Some(p2c::pick(endpoints, |e| {
+            }),
+            Self::PeakEwma(live) => p2c::pick(live, |&i| {
+                let e = &endpoints[i as usize];
                 e.peak_ewma_cost() / f64::from(e.weight())
-            })),
+            }),
             // Without a key, a random point: still weighted, never a weight-0 endpoint.
             Self::RingHash(r) => r.pick(hash.unwrap_or_else(|| fastrand::u64(..))),
             Self::Maglev(m) => m.pick(hash.unwrap_or_else(|| fastrand::u64(..))),
@@ -78,6 +79,13 @@ impl Balancer {
     pub fn wants_hash(&self) -> bool {
         matches!(self, Self::RingHash(_) | Self::Maglev(_))
     }
+}
+
+/// Indices of the endpoints that may take traffic (weight above 0).
+fn weighted(weights: &[u32]) -> Box<[u32]> {
+    (0..weights.len() as u32)
+        .filter(|&i| weights[i as usize] > 0)
+        .collect()
 }
 
 /// Greatest common divisor, for normalizing weights.
