@@ -96,11 +96,18 @@ fn main() -> ExitCode {
         }
     };
 
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker needs no work stealing: the current-thread scheduler does the same job with
+    // less bookkeeping per task wake-up.
+    let mut runtime = match cli.worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime.enable_all();
-    if let Some(n) = cli.worker_threads {
-        runtime.worker_threads(n.max(1));
-    }
     let runtime = match runtime.build() {
         Ok(r) => r,
         Err(e) => {
@@ -129,22 +136,35 @@ fn validate(path: &Path) -> ExitCode {
     }
 }
 
+/// Lines buffered for the log writer thread. The crate's default (128,000) preallocates and
+/// touches several MB up front; a few thousand lines absorb any burst a proxy produces.
+const LOG_BUFFER_LINES: usize = 8192;
+
 fn init_logging(format: LogFormat, level: &str) -> tracing_appender::non_blocking::WorkerGuard {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    // `Targets` takes the same `target=level,level` syntax as RUST_LOG without pulling a
+    // regex engine into the binary.
+    let spec = std::env::var("RUST_LOG").unwrap_or_else(|_| level.to_owned());
+    let filter: Targets = spec.parse().unwrap_or_else(|e| {
+        eprintln!("strait: invalid log filter {spec:?} ({e}); using info");
+        Targets::new().with_default(LevelFilter::INFO)
+    });
     // Logging never blocks a request: lines go through a bounded buffer to a writer thread
     // and are dropped (not queued without bound) if it falls behind.
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stdout());
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(LOG_BUFFER_LINES)
+        .lossy(true)
+        .finish(std::io::stdout());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(ansi)
         .with_writer(writer);
+    let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
     }
     guard
 }

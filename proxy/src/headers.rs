@@ -34,6 +34,11 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// through, since the upstream must see them to switch protocols. `TE: trailers` passes
 /// through: gRPC requires it and it is the one TE value every hop may forward.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    // Most messages carry none: one pass over the few names present is far cheaper than a
+    // hashed removal of every hop-by-hop name.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too. Collecting only when Connection
     // lists something other than the usual tokens keeps the common path allocation-free.
     if headers.contains_key(header::CONNECTION) {
@@ -77,6 +82,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// The client's IP as a header value, built once per connection.

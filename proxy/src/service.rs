@@ -152,7 +152,9 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
     let mut resp = match &route.action {
         Action::Direct(d) => direct(d, req.version()),
         Action::Redirect(r) => redirect(r, &req),
-        Action::Forward(f) => return forward(cx, &route, f, req, done).await,
+        // Boxed: the forwarding future is large, and hyper moves the handler's future
+        // before polling it; a box keeps that move to a pointer.
+        Action::Forward(f) => return Box::pin(forward(cx, &route, f, req, done)).await,
     };
     finish_response(&route, &mut resp, &done);
     done.status = resp.status();
@@ -252,13 +254,17 @@ async fn forward(
             }
         }
     };
+    // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the large
+    // request future in place instead of copying it.
     let result = match route.timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .unwrap_or(Err(ProxyError::Timeout {
-                addr: ep.addr,
-                timeout: t,
-            })),
+        Some(t) => {
+            tokio::pin!(send);
+            tokio::select! {
+                biased;
+                r = &mut send => r,
+                () = tokio::time::sleep(t) => Err(ProxyError::Timeout { addr: ep.addr, timeout: t }),
+            }
+        }
         None => send.await,
     };
     let mut resp = match result {
