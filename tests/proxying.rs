@@ -426,3 +426,27 @@ async fn slow_request_headers_are_cut_off() {
     );
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn idle_connections_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = TestProxy::start(
+        "limits: {idle_timeout: 300ms}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: ok}\n",
+    )
+    .await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    // Now idle: the server closes the keep-alive connection once the idle time has passed.
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed within 5s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "connection closed, not answered");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
