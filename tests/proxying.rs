@@ -380,10 +380,7 @@ backends:
 #[tokio::test]
 async fn connection_limit_holds_extra_connections_until_one_closes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let proxy = TestProxy::start(
-        "limits: {max_connections: 1}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: ok}\n",
-    )
-    .await;
+    let proxy = TestProxy::start(&answering_ok("{max_connections: 1}")).await;
     let request = b"GET / HTTP/1.1\r\nhost: x\r\n\r\n";
     let mut first = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     first.write_all(request).await.unwrap();
@@ -409,10 +406,7 @@ async fn connection_limit_holds_extra_connections_until_one_closes() {
 #[tokio::test]
 async fn slow_request_headers_are_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let proxy = TestProxy::start(
-        "limits: {header_read_timeout: 300ms}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200}\n",
-    )
-    .await;
+    let proxy = TestProxy::start(&answering_ok("{header_read_timeout: 300ms}")).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap(); // never finishes the head
     let started = std::time::Instant::now();
@@ -430,10 +424,7 @@ async fn slow_request_headers_are_cut_off() {
 #[tokio::test]
 async fn idle_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let proxy = TestProxy::start(
-        "limits: {idle_timeout: 300ms}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: ok}\n",
-    )
-    .await;
+    let proxy = TestProxy::start(&answering_ok("{idle_timeout: 300ms}")).await;
     let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await

@@ -137,6 +137,14 @@ async fn answer(
     resp
 }
 
+/// A config with one listener whose only route answers 200 `ok`, plus the given `limits`
+/// (YAML flow mapping such as `{idle_timeout: 300ms}`).
+pub fn answering_ok(limits: &str) -> String {
+    format!(
+        "limits: {limits}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {{status: 200, body: ok}}\n"
+    )
+}
+
 /// A proxy running in this process on 127.0.0.1:0, fed from YAML text.
 pub struct TestProxy {
     pub addr: SocketAddr,
