@@ -368,6 +368,9 @@ backends:
     assert_eq!((r.status.as_u16(), r.body.as_str()), (403, "admin-blocked"));
     let r = get(&c, &proxy.url("/public/%2e%2E/admin")).await;
     assert_eq!(r.status, 403);
+    // Encoded unreserved characters are decoded before matching.
+    let r = get(&c, &proxy.url("/%61dmin")).await;
+    assert_eq!(r.status, 403);
     let r = get(&c, &proxy.url("/public/./a/../b?q=1")).await;
     assert_eq!(
         r.header("x-seen-path"),

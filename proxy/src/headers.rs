@@ -30,7 +30,8 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
-/// Removes hop-by-hop headers. With `upgrade`, `Connection: upgrade` and `Upgrade` pass
+/// Removes hop-by-hop headers. `Trailer` is end-to-end (RFC 9110 section 6.6.2) and stays:
+/// hyper's HTTP/1.1 encoder sends only the trailers it names. With `upgrade`, `Connection: upgrade` and `Upgrade` pass
 /// through, since the upstream must see them to switch protocols. `TE: trailers` passes
 /// through: gRPC requires it and it is the one TE value every hop may forward.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
@@ -69,7 +70,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
     headers.remove(header::TE);
-    headers.remove(header::TRAILER);
     headers.remove(header::TRANSFER_ENCODING);
     headers.remove(header::PROXY_AUTHENTICATE);
     headers.remove(header::PROXY_AUTHORIZATION);
@@ -87,7 +87,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     name == header::CONNECTION
         || name == header::TE
-        || name == header::TRAILER
         || name == header::TRANSFER_ENCODING
         || name == header::UPGRADE
         || name == header::PROXY_AUTHENTICATE
@@ -109,15 +108,17 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    let xff = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + client_ip.len());
+    // Every X-Forwarded-For line counts: a client may send several.
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut v = Vec::new();
+        for prev in headers.get_all(&X_FORWARDED_FOR) {
             v.extend_from_slice(prev.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(client_ip.as_bytes());
-            HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
         }
-        None => client_ip.clone(),
+        v.extend_from_slice(client_ip.as_bytes());
+        HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
+    } else {
+        client_ip.clone()
     };
     headers.insert(X_FORWARDED_FOR.clone(), xff);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
@@ -178,6 +179,28 @@ mod tests {
         h.insert(&X_FORWARDED_FOR, HeaderValue::from_static("1.2.3.4"));
         set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), "http", None);
         assert_eq!(h.get(&X_FORWARDED_FOR).unwrap(), "1.2.3.4, 10.0.0.1");
+    }
+
+    #[test]
+    fn joins_every_forwarded_for_line() {
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("1.1.1.1"));
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("2.2.2.2"));
+        set_forwarded(&mut h, &HeaderValue::from_static("10.0.0.1"), "http", None);
+        assert_eq!(
+            h.get(&X_FORWARDED_FOR).unwrap(),
+            "1.1.1.1, 2.2.2.2, 10.0.0.1"
+        );
+        assert_eq!(h.get_all(&X_FORWARDED_FOR).iter().count(), 1);
+    }
+
+    #[test]
+    fn keeps_trailer_names() {
+        let mut h = HeaderMap::new();
+        h.insert(header::TRAILER, HeaderValue::from_static("grpc-status"));
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.get(header::TRAILER).unwrap(), "grpc-status");
     }
 
     #[test]

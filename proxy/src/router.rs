@@ -178,7 +178,8 @@ impl<R> Router<R> {
             .exact_hosts
             .get(host)
             .or_else(|| {
-                let dot = host.find('.')?;
+                // A wildcard covers one non-empty label.
+                let dot = host.find('.').filter(|&d| d > 0)?;
                 self.wildcard_hosts.get(&host[dot + 1..])
             })
             .or(self.any_host.as_ref());
@@ -188,39 +189,33 @@ impl<R> Router<R> {
     }
 }
 
-/// Removes dot segments (`.`, `..`, and their `%2e` spellings) from a request path, as
-/// RFC 3986 section 5.2.4 does, so `/public/../admin` cannot match a `/public` prefix and then
-/// reach `/admin` upstream. `None` when the path has none (the common case allocates nothing).
+/// Normalizes a request path before matching, as RFC 3986 section 6.2.2 does: percent-encoded
+/// unreserved characters are decoded (`/%61dmin` is `/admin`), then dot segments are removed
+/// (section 5.2.4), so `/public/../admin` cannot match a `/public` prefix and reach `/admin`
+/// upstream. Encoded slashes (`%2F`) stay encoded. `None` when nothing changes (the common case
+/// allocates nothing).
 pub fn normalize_path(path: &str) -> Option<String> {
-    fn dot(seg: &str) -> bool {
-        seg == "." || seg.eq_ignore_ascii_case("%2e")
-    }
-    fn dotdot(seg: &str) -> bool {
-        seg.len() >= 2 && seg.len() <= 6 && {
-            let lower = seg.to_ascii_lowercase();
-            matches!(lower.as_str(), ".." | ".%2e" | "%2e." | "%2e%2e")
-        }
-    }
     if !path.bytes().any(|b| b == b'.' || b == b'%') {
         return None;
     }
-    if !path.split('/').any(|seg| dot(seg) || dotdot(seg)) {
-        return None;
+    let decoded = decode_unreserved(path);
+    let text = decoded.as_deref().unwrap_or(path);
+    if !text.split('/').any(|seg| seg == "." || seg == "..") {
+        return decoded;
     }
     let mut out: Vec<&str> = Vec::new();
     let mut trailing = false;
-    for seg in path.split('/').skip(1) {
-        trailing = false;
-        if dot(seg) {
-            trailing = true;
-        } else if dotdot(seg) {
-            out.pop();
-            trailing = true;
-        } else {
-            out.push(seg);
+    for seg in text.split('/').skip(1) {
+        trailing = seg == "." || seg == "..";
+        match seg {
+            "." => {}
+            ".." => {
+                out.pop();
+            }
+            _ => out.push(seg),
         }
     }
-    let mut s = String::with_capacity(path.len());
+    let mut s = String::with_capacity(text.len());
     for seg in &out {
         s.push('/');
         s.push_str(seg);
@@ -231,6 +226,35 @@ pub fn normalize_path(path: &str) -> Option<String> {
     Some(s)
 }
 
+/// Decodes `%XX` escapes of unreserved characters (letters, digits, `-._~`); `None` when
+/// there are none.
+fn decode_unreserved(path: &str) -> Option<String> {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = h * 16 + l;
+                if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                    out.push(c);
+                    i += 3;
+                    changed = true;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    // Only ASCII bytes replaced ASCII escapes, so the text stays UTF-8.
+    changed.then(|| String::from_utf8(out).ok()).flatten()
+}
+
 /// Longest host name we look up; longer ones cannot be valid DNS names and match nothing
 /// but the any-host routes.
 pub const MAX_HOST_LEN: usize = 253;
@@ -238,7 +262,9 @@ pub const MAX_HOST_LEN: usize = 253;
 /// Lowercases `host` and strips a port, writing into `buf` only when lowercasing is needed,
 /// so the common case allocates nothing.
 pub fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; MAX_HOST_LEN]) -> &'a str {
+    // `example.com.` is the same name as `example.com`.
     let host = strip_port(host);
+    let host = host.strip_suffix('.').unwrap_or(host);
     if !host.bytes().any(|b| b.is_ascii_uppercase()) {
         return host;
     }
@@ -309,6 +335,21 @@ mod tests {
         assert_eq!(normalize_path("/a/./b/.").as_deref(), Some("/a/b/"));
         assert_eq!(normalize_path("/../../x").as_deref(), Some("/x"));
         assert_eq!(normalize_path("/a/..").as_deref(), Some("/"));
+        assert_eq!(
+            normalize_path("/%61dmin/%7Eme").as_deref(),
+            Some("/admin/~me")
+        );
+        assert_eq!(normalize_path("/a%2Fb"), None, "encoded slash kept");
+        assert_eq!(normalize_path("/a%2"), None, "truncated escape kept");
+        assert_eq!(normalize_path("/%"), None);
+    }
+
+    #[test]
+    fn trailing_and_leading_dots_in_hosts() {
+        let mut buf = [0; MAX_HOST_LEN];
+        assert_eq!(normalize_host("Example.COM.:80", &mut buf), "example.com");
+        let r = router(&[("*.example.com", PathMatch::Prefix("/".into()), "wild")]);
+        assert_eq!(find(&r, ".example.com", "/"), None);
     }
 
     #[test]

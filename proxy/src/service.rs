@@ -224,12 +224,14 @@ async fn forward(
         }
         Upstream::H2c { .. } => {
             // HTTP/2 carries the host in :authority; a Host header that differs from it
-            // makes the request malformed (RFC 9113 section 8.3.1).
-            parts.headers.remove(header::HOST);
+            // makes the request malformed (RFC 9113 section 8.3.1). A route's Host rewrite
+            // has been applied to the headers by now, so it wins over the client's host.
+            let host = parts
+                .headers
+                .remove(header::HOST)
+                .or_else(|| done.host.clone());
             parts.version = Version::HTTP_2;
-            done.host
-                .as_ref()
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+            host.and_then(|h| Authority::try_from(h.as_bytes()).ok())
                 .unwrap_or_else(|| ep.authority.clone())
         }
     };
@@ -278,23 +280,36 @@ async fn forward(
         }
     };
     in_flight.record_latency();
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up = hyper::upgrade::on(&mut resp);
-            tokio::spawn(tunnel(down, up, ep.addr));
-        }
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+    headers::remove_hop_by_hop(resp.headers_mut(), switching);
+    if switching {
+        let Some(down) = downstream_upgrade else {
+            // Only an HTTP/1.1 client that asked to upgrade can receive a 101.
+            let err = ProxyError::Upstream {
+                addr: ep.addr,
+                reason: "switched protocols without an upgrade request".into(),
+            };
+            return finish_error(err, version, done);
+        };
+        let up = hyper::upgrade::on(&mut resp);
+        // The tunnel holds the endpoint's in-flight slot for as long as it lasts.
+        tokio::spawn(tunnel(down, up, ep.addr, in_flight));
     } else {
-        headers::remove_hop_by_hop(resp.headers_mut(), false);
+        done.in_flight = Some(in_flight);
     }
     *resp.version_mut() = version;
     finish_response(route, &mut resp, &done);
     done.status = resp.status();
-    done.in_flight = Some(in_flight);
     resp.map(|b| ObservedBody::new(ProxyBody::Upstream(b), done))
 }
 
 /// Copies bytes both ways after a successful protocol switch.
-async fn tunnel(down: hyper::upgrade::OnUpgrade, up: hyper::upgrade::OnUpgrade, addr: SocketAddr) {
+async fn tunnel(
+    down: hyper::upgrade::OnUpgrade,
+    up: hyper::upgrade::OnUpgrade,
+    addr: SocketAddr,
+    _in_flight: crate::endpoint::InFlight,
+) {
     match tokio::try_join!(down, up) {
         Ok((d, u)) => {
             let mut d = TokioIo::new(d);
@@ -355,10 +370,7 @@ fn redirect(r: &Redirect, req: &Request<Incoming>) -> Response<ProxyBody> {
         .or_else(|| req.uri().authority().map(Authority::as_str))
         .unwrap_or("");
     let scheme = r.scheme.as_deref().unwrap_or("http");
-    let (host_only, req_port) = match req_host.rsplit_once(':') {
-        Some((h, p)) if !h.ends_with(']') || req_host.starts_with('[') => (h, Some(p)),
-        _ => (req_host, None),
-    };
+    let (host_only, req_port) = split_host_port(req_host);
     let host = r.host.as_deref().unwrap_or(host_only);
     let mut location = format!("{scheme}://{host}");
     match (r.port, r.host.is_some() || r.scheme.is_some(), req_port) {
@@ -378,6 +390,20 @@ fn redirect(r: &Redirect, req: &Request<Incoming>) -> Response<ProxyBody> {
         resp.headers_mut().insert(header::LOCATION, v);
     }
     resp
+}
+
+/// Splits `host[:port]`, keeping an IPv6 literal's brackets (`[::1]:8080`).
+fn split_host_port(host: &str) -> (&str, Option<&str>) {
+    if host.starts_with('[') {
+        return match host.find("]:") {
+            Some(i) => (&host[..=i], Some(&host[i + 2..])),
+            None => (host, None),
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (host, None),
+    }
 }
 
 fn request_hash(key: &HashKey, req: &Request<Incoming>, client: SocketAddr) -> Option<u64> {
@@ -425,6 +451,17 @@ pub fn rewrite_prefix(pq: &PathAndQuery, from: &str, to: &str) -> Option<PathAnd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_and_port_split() {
+        assert_eq!(
+            split_host_port("a.example:8080"),
+            ("a.example", Some("8080"))
+        );
+        assert_eq!(split_host_port("a.example"), ("a.example", None));
+        assert_eq!(split_host_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_host_port("[::1]:8443"), ("[::1]", Some("8443")));
+    }
 
     #[test]
     fn prefix_rewrite_keeps_the_rest_and_query() {
