@@ -11,7 +11,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use strait_control::publisher::Publisher;
 use strait_control::source::file;
 use strait_proxy::admin::{serve_admin, Admin};
-use strait_proxy::listener::{bind, serve, ListenerContext};
+use strait_proxy::listener::{bind, serve, BindError, ListenerContext};
 use strait_proxy::table::TableHandle;
 use tokio::sync::watch;
 
@@ -210,23 +210,11 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
         }
     };
 
-    // Bind everything before serving anything, so a bind failure leaves nothing half-up.
-    let mut bound = Vec::new();
-    for l in &spec.listeners {
-        match bind(&l.address).await {
-            Ok(sock) => bound.push((l.name.clone(), sock)),
-            Err(e) => {
-                tracing::error!("{e}");
-                eprintln!("strait: {e}");
-                return ExitCode::from(EXIT_BIND);
-            }
-        }
-    }
     let admin_addr = cli
         .admin_addr
         .map_or_else(|| spec.admin.address.clone(), |a| a.to_string());
-    let admin_sock = match bind(&admin_addr).await {
-        Ok(s) => s,
+    let (bound, admin_sock) = match bind_all(&spec, &admin_addr).await {
+        Ok(b) => b,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("strait: {e}");
@@ -286,6 +274,25 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
         tracing::info!("drained; exiting");
     }
     ExitCode::SUCCESS
+}
+
+/// Binds every listener and the admin address before anything serves, so a bind failure
+/// leaves nothing half-up.
+async fn bind_all(
+    spec: &strait_proxy::table::spec::Spec,
+    admin_addr: &str,
+) -> Result<
+    (
+        Vec<(String, tokio::net::TcpListener)>,
+        tokio::net::TcpListener,
+    ),
+    BindError,
+> {
+    let mut bound = Vec::with_capacity(spec.listeners.len());
+    for l in &spec.listeners {
+        bound.push((l.name.clone(), bind(&l.address).await?));
+    }
+    Ok((bound, bind(admin_addr).await?))
 }
 
 async fn wait_for_stop_signal() {

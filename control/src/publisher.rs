@@ -26,11 +26,6 @@ impl Publisher {
         }
     }
 
-    /// The handle tables are published to.
-    pub fn handle(&self) -> &TableHandle {
-        &self.handle
-    }
-
     /// Validates, compiles and publishes `spec`. On error the table in force is unchanged.
     pub fn publish(&mut self, spec: Spec, source: &str) -> Result<u64, Vec<CompileError>> {
         let mut listeners: Vec<(String, String)> = spec
