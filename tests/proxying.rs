@@ -150,22 +150,7 @@ fn swap_config(n: usize, a: &Upstream, b: &Upstream) -> String {
     } else {
         "least_request"
     };
-    format!(
-        r#"
-access_log: {{enabled: false}}
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    routes:
-      - name: r{n}
-        forward: {{backend: b}}
-backends:
-  - name: b
-    policy: {policy}
-    endpoints: ["{}", "{}"]
-"#,
-        a.addr, b.addr
-    )
+    forward_all(policy, "", &quoted(&[a, b]))
 }
 
 #[tokio::test]
@@ -281,11 +266,7 @@ async fn grpc_stream_survives_a_table_swap() {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
     );
-    let yaml = |policy: &str| {
-        format!(
-            "access_log: {{enabled: false}}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: g}}\nbackends:\n  - name: g\n    protocol: h2c\n    policy: {policy}\n    endpoints: [\"{grpc_addr}\"]\n"
-        )
-    };
+    let yaml = |policy: &str| forward_all(policy, "protocol: h2c", &[format!("\"{grpc_addr}\"")]);
     let mut proxy = TestProxy::start(&yaml("round_robin")).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))
         .unwrap()

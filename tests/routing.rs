@@ -82,23 +82,7 @@ async fn ingress_path_and_host_precedence() {
 }
 
 fn backend_yaml(policy: &str, extra: &str, ups: &[&Upstream]) -> String {
-    let eps: Vec<String> = ups.iter().map(|u| format!("\"{}\"", u.addr)).collect();
-    format!(
-        r#"
-access_log: {{enabled: false}}
-listeners:
-  - name: web
-    address: 127.0.0.1:0
-    routes:
-      - forward: {{backend: b}}
-backends:
-  - name: b
-    policy: {policy}
-    {extra}
-    endpoints: [{}]
-"#,
-        eps.join(", ")
-    )
+    forward_all(policy, extra, &quoted(ups))
 }
 
 async fn tally(
@@ -297,9 +281,11 @@ async fn weight_zero_endpoints_get_no_traffic_under_any_policy() {
         "ring_hash",
         "maglev",
     ] {
-        let yaml = format!(
-            "access_log: {{enabled: false}}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: b}}\nbackends:\n  - name: b\n    policy: {policy}\n    endpoints: [{{address: \"{}\", weight: 0}}, {{address: \"{}\", weight: 0}}, \"{}\"]\n",
-            a.addr, b.addr, c.addr
+        let weightless = |u: &Upstream| format!("{{address: \"{}\", weight: 0}}", u.addr);
+        let yaml = forward_all(
+            policy,
+            "",
+            &[weightless(&a), weightless(&b), quoted(&[&c]).remove(0)],
         );
         let proxy = TestProxy::start(&yaml).await;
         let seen = tally(&proxy, 30, None).await;

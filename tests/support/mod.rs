@@ -137,6 +137,21 @@ async fn answer(
     resp
 }
 
+/// A config whose one listener sends every request to backend `b`. `extra` is one more line
+/// of backend settings (e.g. `protocol: h2c`, `hash: {header: x-user}`); `endpoints` are
+/// YAML flow items (`"127.0.0.1:80"` or `{address: "...", weight: 0}`).
+pub fn forward_all(policy: &str, extra: &str, endpoints: &[String]) -> String {
+    format!(
+        "access_log: {{enabled: false}}\nlisteners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: b}}\nbackends:\n  - name: b\n    policy: {policy}\n    {extra}\n    endpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+/// Upstream addresses as quoted YAML items, for [`forward_all`].
+pub fn quoted(ups: &[&Upstream]) -> Vec<String> {
+    ups.iter().map(|u| format!("\"{}\"", u.addr)).collect()
+}
+
 /// A config with one listener whose only route answers 200 `ok`, plus the given `limits`
 /// (YAML flow mapping such as `{idle_timeout: 300ms}`).
 pub fn answering_ok(limits: &str) -> String {
