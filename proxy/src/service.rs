@@ -88,11 +88,11 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             &mut buf,
         );
-        let route = match bad_path {
-            true => None,
-            false => lt
-                .router
-                .find(h, req.uri().path(), req.method(), req.headers()),
+        let route = if bad_path {
+            None
+        } else {
+            lt.router
+                .find(h, req.uri().path(), req.method(), req.headers())
         };
         let found = match route {
             Some(route) => Ok(Arc::clone(route)),
