@@ -12,7 +12,9 @@ use strait_control::publisher::Publisher;
 use strait_control::source::file;
 use strait_proxy::admin::{serve_admin, Admin};
 use strait_proxy::listener::{bind, serve, BindError, ListenerContext};
+use strait_proxy::table::spec::ListenerProtocol;
 use strait_proxy::table::TableHandle;
+use strait_proxy::tcp::serve_tcp;
 use tokio::sync::watch;
 
 /// Exit code for a configuration rejected at startup (sysexits EX_CONFIG); nothing is bound.
@@ -223,15 +225,18 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
     };
 
     let mut servers = tokio::task::JoinSet::new();
-    for (name, sock) in bound {
+    for (l, sock) in spec.listeners.iter().zip(bound) {
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listener = %name, address = %local, "listening");
+        tracing::info!(listener = %l.name, address = %local, protocol = ?l.protocol, "listening");
         let cx = ListenerContext {
-            name: name.into(),
+            name: l.name.as_str().into(),
             table: handle.clone(),
             limits: spec.limits.clone(),
         };
-        servers.spawn(serve(sock, cx, stopped()));
+        match l.protocol {
+            ListenerProtocol::Http => servers.spawn(serve(sock, cx, stopped())),
+            ListenerProtocol::Tcp => servers.spawn(serve_tcp(sock, cx, stopped())),
+        };
     }
     let admin = Arc::new(Admin::new(handle.clone(), prometheus.clone()));
     let admin_local = admin_sock
@@ -276,21 +281,15 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Binds every listener and the admin address before anything serves, so a bind failure
-/// leaves nothing half-up.
+/// Binds every listener (in configuration order) and the admin address before anything
+/// serves, so a bind failure leaves nothing half-up.
 async fn bind_all(
     spec: &strait_proxy::table::spec::Spec,
     admin_addr: &str,
-) -> Result<
-    (
-        Vec<(String, tokio::net::TcpListener)>,
-        tokio::net::TcpListener,
-    ),
-    BindError,
-> {
+) -> Result<(Vec<tokio::net::TcpListener>, tokio::net::TcpListener), BindError> {
     let mut bound = Vec::with_capacity(spec.listeners.len());
     for l in &spec.listeners {
-        bound.push((l.name.clone(), bind(&l.address).await?));
+        bound.push(bind(&l.address).await?);
     }
     Ok((bound, bind(admin_addr).await?))
 }

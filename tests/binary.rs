@@ -23,36 +23,6 @@ fn temp_config(dir: &tempdir::Dir, text: &str) -> PathBuf {
     p
 }
 
-mod tempdir {
-    /// A directory removed on drop.
-    pub struct Dir(std::path::PathBuf);
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "strait-test-{tag}-{}-{}",
-                std::process::id(),
-                fastrand()
-            ));
-            std::fs::create_dir_all(&p).unwrap();
-            Self(p)
-        }
-        pub fn path(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    fn fastrand() -> u64 {
-        use std::hash::{BuildHasher, Hasher};
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u8(0);
-        h.finish()
-    }
-}
-
 #[test]
 fn every_example_and_docs_block_validates() {
     let mut checked = 0;

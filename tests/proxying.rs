@@ -145,7 +145,7 @@ async fn unmatched_request_without_default_route_is_404() {
 
 /// Alternates between two configs that both route to the same upstreams.
 fn swap_config(n: usize, a: &Upstream, b: &Upstream) -> String {
-    let policy = if n % 2 == 0 {
+    let policy = if n.is_multiple_of(2) {
         "round_robin"
     } else {
         "least_request"

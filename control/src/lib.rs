@@ -4,6 +4,7 @@
 //! Data flows one way: source -> spec -> dry-run compile (validation) -> compile ->
 //! publish. Nothing in the data plane calls back here.
 
+pub mod dns;
 pub mod locate;
 pub mod publisher;
 pub mod reload;

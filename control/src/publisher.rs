@@ -3,6 +3,8 @@
 use std::sync::Arc;
 
 use strait_proxy::table::spec::Spec;
+
+use crate::dns::DnsManager;
 use strait_proxy::table::{compile, CompileError, Registries, TableHandle};
 
 /// Compiles configurations and swaps them into a [`TableHandle`].
@@ -13,6 +15,9 @@ pub struct Publisher {
     generation: u64,
     /// Listener names and addresses in force; bound sockets cannot change on reload.
     listeners: Option<Vec<(String, String)>>,
+    /// The configuration in force and where it came from, rebuilt when DNS answers change.
+    current: Option<(Arc<Spec>, String)>,
+    dns: DnsManager,
 }
 
 impl Publisher {
@@ -23,6 +28,8 @@ impl Publisher {
             registries: Registries::default(),
             generation: 0,
             listeners: None,
+            current: None,
+            dns: DnsManager::default(),
         }
     }
 
@@ -47,6 +54,26 @@ impl Publisher {
             }
         }
         let spec = Arc::new(spec);
+        self.compile_and_swap(spec, source)?;
+        self.listeners = Some(listeners);
+        Ok(self.generation)
+    }
+
+    /// Rebuilds the configuration in force, so that changed DNS answers become endpoints.
+    pub fn rebuild(&mut self) -> Result<u64, Vec<CompileError>> {
+        let Some((spec, source)) = self.current.clone() else {
+            return Ok(self.generation);
+        };
+        self.compile_and_swap(spec, &source)?;
+        Ok(self.generation)
+    }
+
+    /// Resolves when a DNS answer changed and [`Publisher::rebuild`] should run.
+    pub async fn dns_changed(&mut self) {
+        self.dns.changed().await;
+    }
+
+    fn compile_and_swap(&mut self, spec: Arc<Spec>, source: &str) -> Result<(), Vec<CompileError>> {
         // A dry run first, so a rejected configuration registers no metrics and touches no
         // live state.
         compile(Arc::clone(&spec), source, self.generation + 1, None)?;
@@ -58,7 +85,12 @@ impl Publisher {
                 );
             }
         }
-        let table = compile(spec, source, self.generation + 1, Some(&self.registries))?;
+        let table = compile(
+            Arc::clone(&spec),
+            source,
+            self.generation + 1,
+            Some(&self.registries),
+        )?;
         self.generation += 1;
         let live: Vec<_> = table
             .spec
@@ -76,8 +108,10 @@ impl Publisher {
         self.handle.publish(table);
         self.registries.endpoints.prune();
         self.registries.clients.retain_backends(&live);
-        self.listeners = Some(listeners);
-        Ok(self.generation)
+        let names = self.registries.names.prune();
+        self.dns.sync(&spec.dns, names);
+        self.current = Some((spec, source.to_owned()));
+        Ok(())
     }
 }
 

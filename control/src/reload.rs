@@ -1,4 +1,5 @@
-//! Reloads the static file on SIGHUP and when it changes on disk.
+//! The control loop: reloads the static file on SIGHUP and when it changes on disk, and
+//! rebuilds the table when a DNS backend's answer changes. It owns the one publisher.
 
 use std::future::Future;
 use std::hash::{Hash, Hasher};
@@ -122,6 +123,15 @@ impl Reloader {
                     tracing::info!("SIGHUP: reloading configuration");
                     self.last = digest(&self.path);
                     reload(&self.path, &mut self.publisher);
+                }
+                () = self.publisher.dns_changed() => {
+                    match self.publisher.rebuild() {
+                        Ok(generation) => tracing::info!(generation, "table rebuilt with new DNS answers"),
+                        // The configuration compiled before; only a bug gets here.
+                        Err(errors) => for e in errors {
+                            tracing::error!(error = %e, "rebuild after a DNS change failed; keeping the running table");
+                        },
+                    }
                 }
                 () = &mut shutdown => return,
             }

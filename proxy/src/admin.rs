@@ -42,21 +42,37 @@ impl Admin {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    /// Ready once a table is in force and every DNS name in it has had a first answer
+    /// (good or bad), so a new replica does not take traffic it would answer with 503.
+    fn ready(&self) -> Response<Full<Bytes>> {
+        if self.draining.load(Ordering::SeqCst) {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n");
+        }
+        let Some(table) = self.table.current() else {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet\n");
+        };
+        let pending: Vec<String> = table
+            .backends
+            .iter()
+            .filter(|b| !b.dns_answered)
+            .filter_map(|b| b.dns.as_ref())
+            .map(|n| format!("{}:{}", n.host(), n.port()))
+            .collect();
+        if pending.is_empty() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            let body = format!("waiting for DNS: {}\n", pending.join(", "));
+            text(StatusCode::SERVICE_UNAVAILABLE, &body)
+        }
+    }
+
     fn answer(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => {
-                if self.draining.load(Ordering::SeqCst) {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if self.table.load().is_none() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no routing table yet\n")
-                } else {
-                    text(StatusCode::OK, "ready\n")
-                }
-            }
+            "/ready" => self.ready(),
             "/metrics" => match &self.prometheus {
                 Some(p) => {
                     let mut r = Response::new(Full::new(Bytes::from(p.render())));

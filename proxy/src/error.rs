@@ -1,7 +1,6 @@
 //! The proxy's error type: classified once into a status code and an error code header.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
@@ -23,9 +22,9 @@ pub enum ProxyError {
         /// Request path.
         path: String,
     },
-    /// The backend has no endpoint to send to.
-    #[error("backend {0:?} has no endpoints")]
-    NoEndpoints(Arc<str>),
+    /// The backend has no endpoint to send to; the text says why.
+    #[error("{0}")]
+    NoEndpoints(String),
     /// The TCP connection to the endpoint failed.
     #[error("connect to {addr} failed: {reason}")]
     Connect {

@@ -15,7 +15,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
 use crate::service::{handle, ConnContext};
@@ -33,20 +33,52 @@ pub struct ListenerContext {
     pub limits: LimitsSpec,
 }
 
+impl ListenerContext {
+    /// This listener's index in every table generation (listeners cannot change on reload).
+    pub(crate) fn index(&self) -> Option<usize> {
+        let guard = self.table.load();
+        let index = guard.as_ref().and_then(|t| t.listener_index(&self.name));
+        if index.is_none() {
+            tracing::error!(
+                listener = &*self.name,
+                "listener is not in the routing table; not serving"
+            );
+        }
+        index
+    }
+}
+
+/// The next connection, once a connection slot is free. Accept errors (out of file
+/// descriptors and similar) are logged and retried after a pause instead of spinning.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    permits: &Arc<Semaphore>,
+    name: &str,
+) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    let permit = Arc::clone(permits)
+        .acquire_owned()
+        .await
+        .expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, client)) => {
+                let _ = stream.set_nodelay(true);
+                return (stream, client, permit);
+            }
+            Err(e) => {
+                tracing::warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
 /// Serves HTTP/1.1 and h2c on an already-bound listener until `shutdown` resolves, then stops
 /// accepting, asks every open connection to finish (HTTP/1.1 closes after the response in
 /// progress, HTTP/2 sends GOAWAY) and returns once they have. Callers bound the wait with
 /// their drain timeout.
 pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Future<Output = ()>) {
-    let index = {
-        let guard = cx.table.load();
-        guard.as_ref().and_then(|t| t.listener_index(&cx.name))
-    };
-    let Some(index) = index else {
-        tracing::error!(
-            listener = &*cx.name,
-            "listener is not in the routing table; not serving"
-        );
+    let Some(index) = cx.index() else {
         return;
     };
     let limits = cx.limits.clone();
@@ -72,23 +104,10 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
 
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
+        let (stream, client, permit) = tokio::select! {
+            c = accept(&listener, &permits, &cx.name) => c,
             () = &mut shutdown => break,
         };
-        let (stream, client) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // Out of file descriptors and similar: back off instead of spinning.
-                    tracing::warn!(listener = &*cx.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut shutdown => break,
-        };
-        let _ = stream.set_nodelay(true);
         accepted.increment(1);
         let conn_cx = Arc::new(ConnContext {
             table: cx.table.clone(),
@@ -148,7 +167,7 @@ pub struct BindError {
 
 /// Closes a connection on which no byte moved for `idle`. The timer is checked only when a
 /// read would block, and re-armed lazily, so busy connections pay one clock read per I/O.
-struct IdleTimeout {
+pub(crate) struct IdleTimeout {
     io: TcpStream,
     idle: Duration,
     last: Instant,
@@ -156,7 +175,7 @@ struct IdleTimeout {
 }
 
 impl IdleTimeout {
-    fn new(io: TcpStream, idle: Duration) -> Self {
+    pub(crate) fn new(io: TcpStream, idle: Duration) -> Self {
         Self {
             io,
             idle,

@@ -14,6 +14,12 @@ pub const UPSTREAM_CONNECT_FAILURES: &str = "strait_upstream_connect_failures_to
 pub const DOWNSTREAM_CONNECTIONS: &str = "strait_downstream_connections_active";
 /// Downstream connections accepted, by listener.
 pub const DOWNSTREAM_CONNECTIONS_TOTAL: &str = "strait_downstream_connections_total";
+/// Connections relayed by `tcp` listeners, by listener, backend and result.
+pub const TCP_CONNECTIONS: &str = "strait_tcp_connections_total";
+/// Lookups of backend DNS names, by name and result (`success`, `failure`).
+pub const DNS_LOOKUPS: &str = "strait_dns_lookups_total";
+/// 1 while a backend DNS name's lookups fail (its last good answer stays in use), else 0.
+pub const DNS_FAILING: &str = "strait_dns_failing";
 /// Endpoints per backend in the table in force.
 pub const BACKEND_ENDPOINTS: &str = "strait_backend_endpoints";
 /// Generation number of the table in force.
@@ -48,6 +54,15 @@ pub fn describe() {
     describe_counter!(
         DOWNSTREAM_CONNECTIONS_TOTAL,
         "Downstream connections accepted."
+    );
+    describe_counter!(
+        TCP_CONNECTIONS,
+        "Connections relayed by tcp listeners, by result, counted when they end."
+    );
+    describe_counter!(DNS_LOOKUPS, "Lookups of backend DNS names by result.");
+    describe_gauge!(
+        DNS_FAILING,
+        "1 while a backend DNS name's lookups fail (the last good answer stays in use)."
     );
     describe_gauge!(
         BACKEND_ENDPOINTS,

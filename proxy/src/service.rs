@@ -79,7 +79,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
     let (found, access_log) = {
         let guard = cx.table.load();
         let Some(table) = guard.as_ref() else {
-            let err = ProxyError::NoEndpoints("(no routing table yet)".into());
+            let err = ProxyError::NoEndpoints("no routing table has been published yet".into());
             return error_response(&err, req.version()).map(ObservedBody::bare);
         };
         let lt = &table.listeners[cx.listener];
@@ -170,7 +170,8 @@ async fn forward(
 ) -> Response<ObservedBody> {
     let version = req.version();
     let Some(target) = f.pick() else {
-        return finish_error(ProxyError::NoEndpoints(route.name.clone()), version, done);
+        let reason = format!("route {:?} has no backend", route.name);
+        return finish_error(ProxyError::NoEndpoints(reason), version, done);
     };
     let backend = &target.backend;
     done.metrics = Arc::clone(&target.metrics);
@@ -179,11 +180,8 @@ async fn forward(
         .as_ref()
         .and_then(|k| request_hash(k, &req, cx.client));
     let Some(i) = backend.balancer.pick(&backend.endpoints, hash) else {
-        return finish_error(
-            ProxyError::NoEndpoints(Arc::clone(&backend.name)),
-            version,
-            done,
-        );
+        let reason = backend.unavailable_reason();
+        return finish_error(ProxyError::NoEndpoints(reason), version, done);
     };
     let ep = &backend.endpoints[i];
     done.upstream = Some(ep.addr);
@@ -409,10 +407,7 @@ fn split_host_port(host: &str) -> (&str, Option<&str>) {
 fn request_hash(key: &HashKey, req: &Request<Incoming>, client: SocketAddr) -> Option<u64> {
     use xxhash_rust::xxh3::xxh3_64;
     match key {
-        HashKey::ClientIp => Some(match client.ip() {
-            std::net::IpAddr::V4(ip) => xxh3_64(&ip.octets()),
-            std::net::IpAddr::V6(ip) => xxh3_64(&ip.octets()),
-        }),
+        HashKey::ClientIp => Some(crate::balancer::ip_hash(client.ip())),
         HashKey::Header(name) => req.headers().get(name).map(|v| xxh3_64(v.as_bytes())),
         HashKey::Cookie(name) => {
             headers::cookie(req.headers(), name).map(|v| xxh3_64(v.as_bytes()))

@@ -2,6 +2,9 @@
 //! built binary, and an `eventually` helper that polls with a deadline instead of sleeping.
 #![allow(dead_code)]
 
+pub mod dns;
+pub mod tempdir;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -42,6 +45,34 @@ impl Upstream {
     /// An upstream that always waits `delay` before answering.
     pub async fn start_with_delay(name: &str, delay: Duration) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve(name, listener, delay)
+    }
+
+    /// Upstreams on the same port of several loopback addresses (127.0.0.2, ...), as the
+    /// pods behind one headless Service name: a DNS answer carries addresses, not ports.
+    pub async fn start_on_ips(names: &[&str], ips: &[std::net::IpAddr]) -> (u16, Vec<Self>) {
+        'retry: for _ in 0..20 {
+            let first = TcpListener::bind((ips[0], 0)).await.unwrap();
+            let port = first.local_addr().unwrap().port();
+            let mut listeners = vec![first];
+            for ip in &ips[1..] {
+                match TcpListener::bind((*ip, port)).await {
+                    Ok(l) => listeners.push(l),
+                    // Taken on that address by something else: try another port.
+                    Err(_) => continue 'retry,
+                }
+            }
+            let ups = names
+                .iter()
+                .zip(listeners)
+                .map(|(n, l)| Self::serve(n, l, Duration::ZERO))
+                .collect();
+            return (port, ups);
+        }
+        panic!("no port free on all of {ips:?}");
+    }
+
+    fn serve(name: &str, listener: TcpListener, delay: Duration) -> Self {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let (stop, mut stopped) = watch::channel(());

@@ -187,6 +187,49 @@ listeners:
     }
 
     #[test]
+    fn checks_dns_backends_and_tcp_listeners() {
+        let text = "\
+listeners:
+  - name: raw
+    address: 127.0.0.1:1
+    protocol: tcp
+    routes:
+      - direct_response: {status: 200}
+  - name: web
+    address: 127.0.0.1:2
+    tcp: {backend: a}
+backends:
+  - name: a
+    dns: 10.0.0.1:80
+  - name: b
+    dns: db.example
+  - name: c
+    dns: db.example:80
+    endpoints: [\"10.0.0.1:80\"]
+dns:
+  nameservers: [nope]
+  min_refresh: 10s
+  max_refresh: 5s
+";
+        let d = errors(text);
+        let got: Vec<(usize, &str)> = d.iter().map(|d| (d.line, d.message.as_str())).collect();
+        let want = [
+            (2, "a tcp listener needs tcp: {backend: NAME}"),
+            (5, "a tcp listener has no HTTP routes"),
+            (9, "tcp is only for listeners with protocol: tcp"),
+            (12, "is an address, not a DNS name: list it under endpoints"),
+            (14, "expected name:port"),
+            (16, "give either endpoints or dns, not both"),
+            (19, "invalid nameserver \"nope\""),
+            (21, "must be at least min_refresh (10s)"),
+        ];
+        assert_eq!(got.len(), want.len(), "{d:#?}");
+        for ((line, msg), (wline, wmsg)) in got.iter().zip(want) {
+            assert!(msg.contains(wmsg) && *line == wline, "{d:#?}");
+        }
+    }
+
+    #[test]
     fn unknown_field_has_a_position() {
         let d = errors("listeners:\n  - name: web\n    adress: 127.0.0.1:1\n");
         assert_eq!((d[0].line, d[0].column), (3, 5), "{d:?}");

@@ -81,6 +81,14 @@ impl Balancer {
     }
 }
 
+/// The affinity key of a client address.
+pub fn ip_hash(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(ip) => xxhash_rust::xxh3::xxh3_64(&ip.octets()),
+        std::net::IpAddr::V6(ip) => xxhash_rust::xxh3::xxh3_64(&ip.octets()),
+    }
+}
+
 /// Indices of the endpoints that may take traffic (weight above 0).
 fn weighted(weights: &[u32]) -> Box<[u32]> {
     (0..weights.len() as u32)

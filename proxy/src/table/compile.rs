@@ -15,16 +15,18 @@ use http::uri::Authority;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::spec::{
-    BackendSpec, DirectResponseSpec, ForwardSpec, HashKeySpec, HeaderOpsSpec, ListenerSpec,
-    MatchSpec, Policy, RedirectSpec, RouteSpec, Spec,
+    BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
+    HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RedirectSpec, RouteSpec,
+    Spec,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
-    Redirect, Route, RouteTable, Target,
+    Redirect, Route, RouteTable, Target, TcpForward,
 };
 use crate::balancer::{round_robin::Schedule, Balancer};
 use crate::endpoint::{EndpointRegistry, EndpointState};
 use crate::metrics::TargetMetrics;
+use crate::names::{DnsName, NameRegistry, Phase};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
 use crate::upstream::{ClientRegistry, Upstream};
 
@@ -50,6 +52,8 @@ pub struct Registries {
     pub endpoints: EndpointRegistry,
     /// Pooled clients by backend and settings.
     pub clients: ClientRegistry,
+    /// DNS names of backends and their last answers.
+    pub names: NameRegistry,
 }
 
 struct Ctx<'a> {
@@ -177,6 +181,7 @@ pub fn compile(
     if limits.max_concurrent_streams == 0 {
         cx.err("limits.max_concurrent_streams", "must be at least 1");
     }
+    check_dns(&mut cx, &spec.dns);
 
     if !cx.errors.is_empty() {
         return Err(cx.errors);
@@ -200,9 +205,41 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         cx.err(format!("{path}.name"), "backend name must not be empty");
     }
     let name: Arc<str> = b.name.as_str().into();
+    let dns = match (&b.dns, b.endpoints.is_empty()) {
+        (None, _) => None,
+        (Some(_), false) => {
+            cx.err(
+                format!("{path}.dns"),
+                "give either endpoints or dns, not both",
+            );
+            None
+        }
+        (Some(target), true) => match parse_dns_target(target) {
+            Ok((host, port)) => Some(match cx.registries {
+                Some(r) => r.names.get(&host, port),
+                None => Arc::new(DnsName::new(&host, port)),
+            }),
+            Err(message) => {
+                cx.err(format!("{path}.dns"), message);
+                None
+            }
+        },
+    };
     let mut seen = HashSet::new();
     let mut endpoints = Vec::with_capacity(b.endpoints.len());
-    for (j, e) in b.endpoints.iter().enumerate() {
+    // A DNS backend's endpoints are the last good answer, weight 1 each. One snapshot, so
+    // the endpoints and `dns_answered` agree even if a lookup finishes meanwhile.
+    let answer = dns.as_ref().map(|n| (n.status(), n.port()));
+    let resolved: Vec<EndpointSpec> = answer
+        .iter()
+        .flat_map(|(status, port)| {
+            status
+                .addresses
+                .iter()
+                .map(|ip| EndpointSpec::Address(SocketAddr::new(*ip, *port).to_string()))
+        })
+        .collect();
+    for (j, e) in b.endpoints.iter().chain(&resolved).enumerate() {
         let epath = format!("{path}.endpoints[{j}]");
         let addr = match e.address().parse::<SocketAddr>() {
             Ok(a) if a.port() != 0 => a,
@@ -297,13 +334,102 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         hash_key,
         upstream,
         connect_failures,
+        connect_timeout: b.connect_timeout,
+        dns_answered: answer.is_none_or(|(status, _)| status.phase != Phase::Pending),
+        dns,
     })
+}
+
+/// Splits `name:port` and checks the name is a DNS name, not an address.
+fn parse_dns_target(target: &str) -> Result<(String, u16), String> {
+    let expected = "expected name:port, e.g. mysql.default.svc.cluster.local:3306";
+    let Some((host, port)) = target.rsplit_once(':') else {
+        return Err(format!("invalid DNS target {target:?}: {expected}"));
+    };
+    let port = match port.parse::<u16>() {
+        Ok(p) if p > 0 => p,
+        _ => return Err(format!("invalid port in DNS target {target:?}: {expected}")),
+    };
+    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+        return Err(format!(
+            "{target:?} is an address, not a DNS name: list it under endpoints"
+        ));
+    }
+    let bare = host.strip_suffix('.').unwrap_or(host);
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    if bare.is_empty() || bare.len() > 253 || !bare.split('.').all(label_ok) {
+        return Err(format!(
+            "invalid DNS name {host:?}: labels of letters, digits, '-' or '_', 1 to 63 \
+             characters each, separated by dots"
+        ));
+    }
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+fn check_dns(cx: &mut Ctx<'_>, dns: &DnsSpec) {
+    for (i, ns) in dns.nameservers.iter().enumerate() {
+        let ok = ns.parse::<std::net::IpAddr>().is_ok()
+            || ns.parse::<SocketAddr>().is_ok_and(|a| a.port() != 0);
+        if !ok {
+            cx.err(
+                format!("dns.nameservers[{i}]"),
+                format!("invalid nameserver {ns:?}: expected ip or ip:port, e.g. 10.96.0.10 or 127.0.0.1:5353"),
+            );
+        }
+    }
+    for (field, d) in [
+        ("min_refresh", dns.min_refresh),
+        ("max_refresh", dns.max_refresh),
+        ("timeout", dns.timeout),
+    ] {
+        if d.is_zero() {
+            cx.err(format!("dns.{field}"), "must be greater than 0s");
+        }
+    }
+    if dns.max_refresh < dns.min_refresh {
+        cx.err(
+            "dns.max_refresh",
+            format!(
+                "must be at least min_refresh ({})",
+                humantime::format_duration(dns.min_refresh)
+            ),
+        );
+    }
 }
 
 /// Backends routes may name.
 struct Known<'a> {
     backends: &'a HashMap<&'a str, Arc<Backend>>,
     invalid: &'a HashSet<&'a str>,
+}
+
+impl Known<'_> {
+    /// The backend called `name`. An unknown name is an error at `path`; a backend that is
+    /// declared but invalid already has its own errors, so it adds none.
+    fn get(&self, cx: &mut Ctx<'_>, path: &str, name: &str) -> Option<Arc<Backend>> {
+        if let Some(b) = self.backends.get(name) {
+            return Some(Arc::clone(b));
+        }
+        if !self.invalid.contains(name) {
+            let mut defined: Vec<&str> = self
+                .backends
+                .keys()
+                .chain(self.invalid.iter())
+                .copied()
+                .collect();
+            defined.sort_unstable();
+            cx.err(
+                path,
+                format!("unknown backend {name:?} (defined: {})", defined.join(", ")),
+            );
+        }
+        None
+    }
 }
 
 fn compile_listener(
@@ -313,6 +439,7 @@ fn compile_listener(
     known: &Known<'_>,
 ) -> ListenerTable {
     let mut router = Router::default();
+    let tcp = compile_tcp(cx, path, l, known);
     let mut names = HashSet::new();
     for (i, r) in l.routes.iter().enumerate() {
         let rpath = format!("{path}.routes[{i}]");
@@ -349,7 +476,53 @@ fn compile_listener(
         name: l.name.as_str().into(),
         address: l.address.clone(),
         router,
+        tcp,
         unmatched: cx.metrics(&l.name, "", ""),
+    }
+}
+
+/// A `tcp` listener's backend; checks that each protocol has only its own settings.
+fn compile_tcp(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    l: &ListenerSpec,
+    known: &Known<'_>,
+) -> Option<TcpForward> {
+    if l.protocol == ListenerProtocol::Tcp && (!l.routes.is_empty() || l.default_route.is_some()) {
+        cx.err(
+            format!("{path}.routes"),
+            "a tcp listener has no HTTP routes; remove routes and default_route",
+        );
+    }
+    match (l.protocol, &l.tcp) {
+        (ListenerProtocol::Http, None) => None,
+        (ListenerProtocol::Http, Some(_)) => {
+            cx.err(
+                format!("{path}.tcp"),
+                "tcp is only for listeners with protocol: tcp",
+            );
+            None
+        }
+        (ListenerProtocol::Tcp, None) => {
+            cx.err(
+                format!("{path}.tcp"),
+                "a tcp listener needs tcp: {backend: NAME}",
+            );
+            None
+        }
+        (ListenerProtocol::Tcp, Some(t)) => {
+            if t.idle_timeout.is_zero() {
+                cx.err(
+                    format!("{path}.tcp.idle_timeout"),
+                    "must be greater than 0s",
+                );
+            }
+            let backend = known.get(cx, &format!("{path}.tcp.backend"), &t.backend)?;
+            Some(TcpForward {
+                backend,
+                idle_timeout: t.idle_timeout,
+            })
+        }
     }
 }
 
@@ -569,28 +742,12 @@ fn compile_forward(
     let mut targets = Vec::new();
     let mut weights = Vec::new();
     for (p, name, weight) in wanted {
-        match known.backends.get(name) {
-            Some(b) => {
-                targets.push(Target {
-                    backend: Arc::clone(b),
-                    metrics: cx.metrics(listener, route, name),
-                });
-                weights.push(weight);
-            }
-            None if known.invalid.contains(name) => {}
-            None => {
-                let mut known: Vec<&str> = known
-                    .backends
-                    .keys()
-                    .chain(known.invalid.iter())
-                    .copied()
-                    .collect();
-                known.sort_unstable();
-                cx.err(
-                    p,
-                    format!("unknown backend {name:?} (defined: {})", known.join(", ")),
-                );
-            }
+        if let Some(b) = known.get(cx, &p, name) {
+            targets.push(Target {
+                backend: b,
+                metrics: cx.metrics(listener, route, name),
+            });
+            weights.push(weight);
         }
     }
     if !f.backends.is_empty() && weights.iter().all(|w| *w == 0) {

@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::balancer::{round_robin::Schedule, Balancer, Load};
 use crate::endpoint::{EndpointSnapshot, EndpointState};
 use crate::metrics::TargetMetrics;
+use crate::names::{DnsName, NameStatus};
 use crate::router::Router;
 use crate::upstream::Upstream;
 
@@ -59,6 +60,11 @@ impl RouteTable {
                 .map(|b| BackendView {
                     name: &b.name,
                     endpoints: b.endpoints.iter().map(|e| e.state.snapshot()).collect(),
+                    dns: b.dns.as_ref().map(|n| DnsView {
+                        name: n.host(),
+                        port: n.port(),
+                        status: NameStatus::clone(&n.status()),
+                    }),
                 })
                 .collect(),
             config: &self.spec,
@@ -81,6 +87,16 @@ pub struct TableView<'a> {
 struct BackendView<'a> {
     name: &'a str,
     endpoints: Vec<EndpointSnapshot>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    dns: Option<DnsView<'a>>,
+}
+
+/// A DNS backend's name and lookup status in `/config`.
+#[derive(Debug, Serialize)]
+struct DnsView<'a> {
+    name: &'a str,
+    port: u16,
+    status: NameStatus,
 }
 
 /// One listener's routes.
@@ -90,10 +106,21 @@ pub struct ListenerTable {
     pub name: Arc<str>,
     /// Bind address text, as configured.
     pub address: String,
-    /// Host/path index.
+    /// Host/path index (empty for `tcp` listeners).
     pub router: Router<Arc<Route>>,
+    /// The backend of a `tcp` listener.
+    pub tcp: Option<TcpForward>,
     /// Metrics for requests no route took.
     pub unmatched: Arc<TargetMetrics>,
+}
+
+/// Where a `tcp` listener relays connections.
+#[derive(Debug)]
+pub struct TcpForward {
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Close connections idle this long.
+    pub idle_timeout: Duration,
 }
 
 /// A compiled route.
@@ -226,6 +253,24 @@ pub struct Backend {
     pub upstream: Upstream,
     /// Connect failures counter.
     pub connect_failures: metrics::Counter,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// The DNS name the endpoints come from, for `dns` backends.
+    pub dns: Option<Arc<DnsName>>,
+    /// For `dns` backends: whether the name had had an answer (good or bad) when this table
+    /// was built. `/ready` waits for it in the table in force, not in the live status, so a
+    /// replica is not reported ready before the table with the endpoints is published.
+    pub dns_answered: bool,
+}
+
+impl Backend {
+    /// Why the backend has no endpoints, for error bodies and logs.
+    pub fn unavailable_reason(&self) -> String {
+        match &self.dns {
+            Some(n) => format!("backend {:?}: {}", self.name, n.unavailable_reason()),
+            None => format!("backend {:?} has no endpoints", self.name),
+        }
+    }
 }
 
 /// A compiled endpoint.

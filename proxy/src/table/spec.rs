@@ -29,6 +29,55 @@ pub struct Spec {
     /// Named backends that routes forward to.
     #[serde(default)]
     pub backends: Vec<BackendSpec>,
+    /// How backends given as DNS names are resolved.
+    #[serde(default)]
+    pub dns: DnsSpec,
+}
+
+/// Resolver settings for backends given as `dns: name:port`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsSpec {
+    /// Nameservers (`ip` or `ip:port`, port 53 by default). Empty: the nameservers, search
+    /// domains and `ndots` of `/etc/resolv.conf`, as a pod has them. When set, only the
+    /// nameservers are replaced; search domains and options still come from resolv.conf.
+    pub nameservers: Vec<String>,
+    /// Shortest time between two lookups of a name, even when the records' TTL is shorter.
+    #[serde(with = "duration")]
+    pub min_refresh: Duration,
+    /// Longest time between two lookups of a name, even when the records' TTL is longer.
+    #[serde(with = "duration")]
+    pub max_refresh: Duration,
+    /// Time allowed for one query before it is retried or counted as failed.
+    #[serde(with = "duration")]
+    pub timeout: Duration,
+    /// Which records make endpoints: `any` (A and AAAA), `ipv4` (A) or `ipv6` (AAAA).
+    pub ip_family: IpFamily,
+}
+
+impl Default for DnsSpec {
+    fn default() -> Self {
+        Self {
+            nameservers: Vec::new(),
+            min_refresh: Duration::from_secs(1),
+            max_refresh: Duration::from_secs(60),
+            timeout: Duration::from_secs(2),
+            ip_family: IpFamily::Any,
+        }
+    }
+}
+
+/// Address families looked up for DNS backends.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum IpFamily {
+    /// A and AAAA records.
+    #[default]
+    Any,
+    /// A records only.
+    Ipv4,
+    /// AAAA records only.
+    Ipv6,
 }
 
 /// Admin listener settings.
@@ -112,6 +161,8 @@ pub enum ListenerProtocol {
     /// HTTP/1.1 and HTTP/2 cleartext (prior knowledge) on the same port.
     #[default]
     Http,
+    /// Raw TCP: every connection is relayed to one endpoint of the listener's backend.
+    Tcp,
 }
 
 /// A listener: a bound address and the routes that serve it.
@@ -122,9 +173,12 @@ pub struct ListenerSpec {
     pub name: String,
     /// Bind address, `ip:port`.
     pub address: String,
-    /// Protocol; `http` for now.
+    /// Protocol: `http` (routes) or `tcp` (one backend, see `tcp`).
     #[serde(default)]
     pub protocol: ListenerProtocol,
+    /// Where a `tcp` listener sends its connections; only for `protocol: tcp`.
+    #[serde(default)]
+    pub tcp: Option<TcpForwardSpec>,
     /// Routes, matched by host then path (see `docs/config.md` for precedence).
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
@@ -132,6 +186,23 @@ pub struct ListenerSpec {
     /// requests get 404.
     #[serde(default)]
     pub default_route: Option<RouteSpec>,
+}
+
+/// The backend of a `tcp` listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpForwardSpec {
+    /// Backend name; each connection goes to one of its endpoints.
+    pub backend: String,
+    /// A connection on which no byte moves in either direction for this long is closed.
+    /// Database and message-queue clients keep idle connections for long, so the default is
+    /// long too (Envoy's TCP proxy also uses one hour).
+    #[serde(default = "default_tcp_idle_timeout", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_tcp_idle_timeout() -> Duration {
+    Duration::from_secs(3600)
 }
 
 /// A route: a match and an action.
@@ -289,6 +360,10 @@ pub struct BackendSpec {
     /// Endpoints, `ip:port` or `{address, weight}`.
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// Instead of `endpoints`: a DNS name and port (`name:port`). Every A/AAAA record of the
+    /// answer becomes an endpoint, refreshed in the background as the records' TTL expires.
+    #[serde(default)]
+    pub dns: Option<String>,
     /// Load-balancing policy.
     #[serde(default)]
     pub policy: Policy,
