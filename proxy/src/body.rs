@@ -14,7 +14,9 @@ use crate::metrics::TargetMetrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-/// A response body: streamed from upstream, or produced by Strait.
+/// A body: streamed from the other side without buffering, or complete. Responses from
+/// upstreams and request bodies sent once are streamed; Strait's own answers and request
+/// bodies kept for retries are complete.
 #[derive(Debug)]
 pub enum ProxyBody {
     /// Streamed from the upstream without buffering.
@@ -92,6 +94,8 @@ pub struct Completion {
     pub access_log: bool,
     /// The endpoint's in-flight slot, released at the end.
     pub in_flight: Option<InFlight>,
+    /// The backend's circuit-breaker request slot, released at the end.
+    pub backend_slot: Option<crate::breaker::Slot>,
     /// Response body bytes sent.
     pub bytes: u64,
 }

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::breaker::BackendState;
+use crate::health::{Health, HealthSnapshot};
 use crate::upstream::H2Slot;
 
 /// Latency assumed for an endpoint that has not answered yet (linkerd uses the same idea),
@@ -20,7 +22,8 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the EWMA decay.
 const DECAY: Duration = Duration::from_secs(10);
 
-fn clock_ns() -> u64 {
+/// Nanoseconds on a monotonic clock shared by all endpoint state.
+pub(crate) fn clock_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
@@ -36,21 +39,24 @@ pub struct EndpointState {
     stamp_ns: AtomicU64,
     /// The multiplexed HTTP/2 connection, for `h2c` backends.
     pub(crate) h2: H2Slot,
+    /// Outlier-detection and health-check verdicts.
+    pub health: Health,
 }
 
 impl EndpointState {
     /// State not shared with any registry (dry-run compiles and benches).
     pub fn detached(addr: SocketAddr) -> Self {
-        Self::new(addr)
+        Self::new(addr, Arc::new(BackendState::default()))
     }
 
-    fn new(addr: SocketAddr) -> Self {
+    fn new(addr: SocketAddr, backend: Arc<BackendState>) -> Self {
         Self {
             addr,
             in_flight: AtomicU32::new(0),
             ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(clock_ns()),
             h2: H2Slot::default(),
+            health: Health::new(backend),
         }
     }
 
@@ -109,6 +115,7 @@ impl EndpointState {
             address: self.addr,
             in_flight: self.in_flight(),
             ewma_ms: self.ewma_ns() / 1e6,
+            health: self.health.snapshot(clock_ns()),
         }
     }
 }
@@ -122,6 +129,8 @@ pub struct EndpointSnapshot {
     pub in_flight: u32,
     /// Peak-EWMA latency in milliseconds.
     pub ewma_ms: f64,
+    /// Health-check and outlier-detection state.
+    pub health: HealthSnapshot,
 }
 
 /// One in-flight request; dropping it ends the request.
@@ -156,13 +165,19 @@ pub struct EndpointRegistry {
 
 impl EndpointRegistry {
     /// The state for this endpoint: the existing one if any table still holds it.
-    pub fn get(&self, backend: &Arc<str>, addr: SocketAddr) -> Arc<EndpointState> {
+    /// `state` is the backend's, which the endpoint's health counts against.
+    pub fn get(
+        &self,
+        backend: &Arc<str>,
+        addr: SocketAddr,
+        state: &Arc<BackendState>,
+    ) -> Arc<EndpointState> {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let key = (Arc::clone(backend), addr);
         if let Some(s) = map.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        let s = Arc::new(EndpointState::new(addr));
+        let s = Arc::new(EndpointState::new(addr, Arc::clone(state)));
         map.insert(key, Arc::downgrade(&s));
         s
     }
@@ -193,9 +208,10 @@ mod tests {
         let reg = EndpointRegistry::default();
         let b: Arc<str> = "b".into();
         let addr: SocketAddr = "10.0.0.1:80".parse().unwrap();
-        let s1 = reg.get(&b, addr);
+        let bs = Arc::new(BackendState::default());
+        let s1 = reg.get(&b, addr, &bs);
         let _g = s1.start();
-        let s2 = reg.get(&b, addr);
+        let s2 = reg.get(&b, addr, &bs);
         assert_eq!(s2.in_flight(), 1, "same state handed out again");
         drop((s1, s2, _g));
         reg.prune();
@@ -204,7 +220,7 @@ mod tests {
 
     #[test]
     fn peak_ewma_jumps_up_at_once() {
-        let s = EndpointState::new("10.0.0.1:80".parse().unwrap());
+        let s = EndpointState::detached("10.0.0.1:80".parse().unwrap());
         s.observe(500e6);
         assert!(s.ewma_ns() > 400e6);
     }

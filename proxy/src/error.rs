@@ -5,8 +5,12 @@ use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
 
+use crate::breaker::Breaker;
+
 /// Response header naming why Strait itself answered with an error.
 pub const ERROR_HEADER: &str = "x-strait-error";
+/// Response header naming the circuit breaker threshold that turned a request away.
+pub const BREAKER_HEADER: &str = "x-strait-circuit-breaker";
 
 /// Why a request could not be proxied.
 #[derive(Debug, thiserror::Error)]
@@ -39,13 +43,16 @@ pub enum ProxyError {
         /// Endpoint.
         addr: SocketAddr,
     },
-    /// The upstream's response headers did not arrive within the route timeout.
-    #[error("upstream {addr} sent no response within {timeout:?}")]
+    /// The upstream's response headers did not arrive within the route timeout (or the
+    /// retry policy's per-try timeout).
+    #[error("upstream {addr} sent no response within {timeout:?}{}", if *.per_try { " (per-try timeout)" } else { "" })]
     Timeout {
         /// Endpoint.
         addr: SocketAddr,
-        /// The route timeout.
+        /// The timeout that fired.
         timeout: Duration,
+        /// Whether it was the per-try timeout (another attempt may still fit).
+        per_try: bool,
     },
     /// The upstream failed after the connection was made (reset, protocol error).
     #[error("upstream {addr} failed: {reason}")]
@@ -55,6 +62,9 @@ pub enum ProxyError {
         /// Root cause.
         reason: String,
     },
+    /// A circuit breaker threshold of the backend was reached.
+    #[error("circuit breaker {} of the backend is open", .0.name())]
+    CircuitOpen(Breaker),
     /// A bug: the request handler panicked.
     #[error("internal error")]
     Internal,
@@ -66,7 +76,7 @@ impl ProxyError {
         match self {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::NoRoute { .. } => StatusCode::NOT_FOUND,
-            Self::NoEndpoints(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::NoEndpoints(_) | Self::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout { .. } | Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -79,12 +89,23 @@ impl ProxyError {
             Self::BadRequest(_) => "bad-request",
             Self::NoRoute { .. } => "no-route",
             Self::NoEndpoints(_) => "no-endpoints",
+            Self::CircuitOpen(_) => "circuit-open",
             Self::Connect { .. } => "connect-failed",
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Timeout { .. } => "upstream-timeout",
             Self::Upstream { .. } => "upstream-failed",
             Self::Internal => "internal",
         })
+    }
+
+    /// Whether a retry policy retries this failure beyond connect failures: a per-try
+    /// timeout, or a broken connection when 502 is among its statuses.
+    pub fn is_retryable_failure(&self, p: &crate::table::RetryPolicy) -> bool {
+        match self {
+            Self::Timeout { per_try, .. } => *per_try,
+            Self::Upstream { .. } => p.statuses.contains(&502),
+            _ => false,
+        }
     }
 
     /// Whether the endpoint never got the request (so trying another one would be safe).

@@ -5,9 +5,11 @@
 pub mod admin;
 pub mod balancer;
 pub mod body;
+pub mod breaker;
 pub mod endpoint;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod names;

@@ -20,6 +20,18 @@ pub const TCP_CONNECTIONS: &str = "strait_tcp_connections_total";
 pub const DNS_LOOKUPS: &str = "strait_dns_lookups_total";
 /// 1 while a backend DNS name's lookups fail (its last good answer stays in use), else 0.
 pub const DNS_FAILING: &str = "strait_dns_failing";
+/// Requests turned away by a circuit breaker, by backend and threshold (`breaker`).
+pub const CIRCUIT_BREAKER_OPEN: &str = "strait_circuit_breaker_open_total";
+/// Retries sent, by backend.
+pub const RETRIES: &str = "strait_retries_total";
+/// Endpoints ejected by outlier detection, by backend (each ejection counts).
+pub const OUTLIER_EJECTIONS: &str = "strait_outlier_ejections_total";
+/// Endpoints currently ejected by outlier detection, by backend.
+pub const OUTLIER_EJECTED: &str = "strait_outlier_ejected";
+/// Active health check results, by backend and result (`pass`, `fail`).
+pub const HEALTH_CHECKS: &str = "strait_health_checks_total";
+/// Endpoints passing active health checks, by backend.
+pub const HEALTHY_ENDPOINTS: &str = "strait_healthy_endpoints";
 /// Endpoints per backend in the table in force.
 pub const BACKEND_ENDPOINTS: &str = "strait_backend_endpoints";
 /// Generation number of the table in force.
@@ -64,6 +76,21 @@ pub fn describe() {
         DNS_FAILING,
         "1 while a backend DNS name's lookups fail (the last good answer stays in use)."
     );
+    describe_counter!(
+        CIRCUIT_BREAKER_OPEN,
+        "Requests (or retries, breaker=max_retries) turned away by a circuit breaker."
+    );
+    describe_counter!(RETRIES, "Retries sent to a backend.");
+    describe_counter!(
+        OUTLIER_EJECTIONS,
+        "Endpoint ejections by outlier detection."
+    );
+    describe_gauge!(
+        OUTLIER_EJECTED,
+        "Endpoints currently ejected by outlier detection."
+    );
+    describe_counter!(HEALTH_CHECKS, "Active health check results.");
+    describe_gauge!(HEALTHY_ENDPOINTS, "Endpoints passing active health checks.");
     describe_gauge!(
         BACKEND_ENDPOINTS,
         "Endpoints per backend in the table in force."

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
@@ -17,10 +17,15 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
 use crate::body::{Completion, ObservedBody, ProxyBody};
-use crate::error::{ProxyError, ERROR_HEADER};
+use crate::breaker::Breaker;
+use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
+use crate::health::Outcome;
 use crate::router::{normalize_host, normalize_path, MAX_HOST_LEN};
-use crate::table::{Action, DirectResponse, Forward, HashKey, Redirect, Route, TableHandle};
+use crate::table::{
+    Action, Backend, DirectResponse, Endpoint, Forward, HashKey, Redirect, RetryPolicy, Route,
+    TableHandle,
+};
 use crate::upstream::{send_http1, Upstream};
 
 /// What every request on one downstream connection shares.
@@ -126,6 +131,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         },
         access_log,
         in_flight: None,
+        backend_slot: None,
         bytes: 0,
     };
 
@@ -175,17 +181,15 @@ async fn forward(
     };
     let backend = &target.backend;
     done.metrics = Arc::clone(&target.metrics);
+    let pooled = matches!(backend.upstream, Upstream::Http1(_));
+    match backend.state.try_request(&backend.breaker, pooled) {
+        Ok(slot) => done.backend_slot = Some(slot),
+        Err(b) => return finish_error(breaker_open(backend, b), version, done),
+    }
     let hash = backend
         .hash_key
         .as_ref()
         .and_then(|k| request_hash(k, &req, cx.client));
-    let Some(i) = backend.balancer.pick(&backend.endpoints, hash) else {
-        let reason = backend.unavailable_reason();
-        return finish_error(ProxyError::NoEndpoints(reason), version, done);
-    };
-    let ep = &backend.endpoints[i];
-    done.upstream = Some(ep.addr);
-    let in_flight = ep.state.start();
 
     let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -210,7 +214,10 @@ async fn forward(
             pq = new;
         }
     }
-    let authority = match &backend.upstream {
+    // HTTP/2 carries the host in :authority; a Host header that differs from it makes the
+    // request malformed (RFC 9113 section 8.3.1). A route's Host rewrite has been applied to
+    // the headers by now, so it wins over the client's host.
+    let h2_authority = match &backend.upstream {
         Upstream::Http1(_) => {
             if !parts.headers.contains_key(header::HOST) {
                 if let Some(h) = &done.host {
@@ -218,63 +225,80 @@ async fn forward(
                 }
             }
             parts.version = Version::HTTP_11;
-            ep.authority.clone()
+            None
         }
         Upstream::H2c { .. } => {
-            // HTTP/2 carries the host in :authority; a Host header that differs from it
-            // makes the request malformed (RFC 9113 section 8.3.1). A route's Host rewrite
-            // has been applied to the headers by now, so it wins over the client's host.
             let host = parts
                 .headers
                 .remove(header::HOST)
                 .or_else(|| done.host.clone());
             parts.version = Version::HTTP_2;
             host.and_then(|h| Authority::try_from(h.as_bytes()).ok())
-                .unwrap_or_else(|| ep.authority.clone())
         }
     };
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(authority);
-    uri.path_and_query = Some(pq);
-    parts.uri = match Uri::from_parts(uri) {
-        Ok(u) => u,
-        Err(_) => return finish_error(ProxyError::Internal, version, done),
-    };
-    let upstream_req = Request::from_parts(parts, body);
+    parts.uri = Uri::from(pq);
 
-    let send = async {
-        match &backend.upstream {
-            Upstream::Http1(client) => send_http1(client, ep.addr, upstream_req).await,
-            Upstream::H2c { connect_timeout } => {
-                ep.state
-                    .h2
-                    .send(ep.addr, *connect_timeout, upstream_req)
-                    .await
+    let policy = route.retry.as_ref().filter(|_| !upgrade);
+    let mut sendable = match policy {
+        Some(p) => match Sendable::replayable(parts, body, p.buffer_bytes).await {
+            Ok(s) => s,
+            Err(e) => return finish_error(e, version, done),
+        },
+        None => Sendable::Once(Some(Request::from_parts(parts, ProxyBody::Upstream(body)))),
+    };
+    let may_retry_status = policy.is_some_and(|p| p.non_idempotent || is_idempotent(&done.method));
+    // The route timeout bounds every attempt together.
+    let deadline = route.timeout.map(|t| (tokio::time::Instant::now() + t, t));
+    let mut retries = 0u32;
+    let mut retry_slot = None;
+    let mut last = None;
+    let (ep, in_flight, mut resp) = loop {
+        let Some(i) = pick_endpoint(backend, hash, last) else {
+            return finish_error(
+                ProxyError::NoEndpoints(backend.unavailable_reason()),
+                version,
+                done,
+            );
+        };
+        last = Some(i);
+        let ep = &backend.endpoints[i];
+        done.upstream = Some(ep.addr);
+        let Some(upstream_req) = sendable.next(ep, h2_authority.as_ref()) else {
+            return finish_error(ProxyError::Internal, version, done);
+        };
+        let in_flight = ep.state.start();
+        let result = attempt(backend, ep, upstream_req, deadline, policy).await;
+        record_outcome(backend, ep, &result);
+        drop(retry_slot.take());
+        let retry = match (&result, policy) {
+            (_, None) => false,
+            (_, Some(p)) if retries >= p.retries || !sendable.replays() => false,
+            (Err(e), Some(p)) => {
+                (e.is_connect_failure() && p.on_connect_failure)
+                    || (may_retry_status && e.is_retryable_failure(p))
+            }
+            (Ok(r), Some(p)) => may_retry_status && is_retryable_response(r, p),
+        };
+        if retry {
+            if let Some(s) = backend.state.try_retry(&backend.breaker) {
+                retry_slot = Some(s);
+                retries += 1;
+                metrics::counter!(crate::metrics::RETRIES, "backend" => backend.name.to_string())
+                    .increment(1);
+                let p = policy.expect("retries need a policy");
+                if backoff(p, retries, deadline).await {
+                    continue;
+                }
+            } else {
+                breaker_open(backend, Breaker::MaxRetries);
             }
         }
-    };
-    // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the large
-    // request future in place instead of copying it.
-    let result = match route.timeout {
-        Some(t) => {
-            tokio::pin!(send);
-            tokio::select! {
-                biased;
-                r = &mut send => r,
-                () = tokio::time::sleep(t) => Err(ProxyError::Timeout { addr: ep.addr, timeout: t }),
+        match result {
+            Ok(r) => break (ep, in_flight, r),
+            Err(e) => {
+                tracing::debug!(backend = &*backend.name, error = %e, "upstream request failed");
+                return finish_error(e, version, done);
             }
-        }
-        None => send.await,
-    };
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            if e.is_connect_failure() {
-                backend.connect_failures.increment(1);
-            }
-            tracing::debug!(backend = &*backend.name, error = %e, "upstream request failed");
-            return finish_error(e, version, done);
         }
     };
     in_flight.record_latency();
@@ -299,6 +323,230 @@ async fn forward(
     finish_response(route, &mut resp, &done);
     done.status = resp.status();
     resp.map(|b| ObservedBody::new(ProxyBody::Upstream(b), done))
+}
+
+/// One try: sends on the backend's connection type, within the per-try timeout and what
+/// is left of the route timeout.
+async fn attempt(
+    backend: &Backend,
+    ep: &Endpoint,
+    req: Request<ProxyBody>,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    policy: Option<&RetryPolicy>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let send = async {
+        match &backend.upstream {
+            Upstream::Http1(client) => send_http1(client, ep.addr, req).await,
+            Upstream::H2c { connect_timeout } => {
+                ep.state.h2.send(ep.addr, *connect_timeout, req).await
+            }
+        }
+    };
+    let per_try = policy
+        .and_then(|p| p.per_try_timeout)
+        .map(|t| (tokio::time::Instant::now() + t, t, true));
+    let limit = match (per_try, deadline) {
+        (Some(p), Some((d, t))) => Some(if p.0 < d { p } else { (d, t, false) }),
+        (Some(p), None) => Some(p),
+        (None, Some((d, t))) => Some((d, t, false)),
+        (None, None) => None,
+    };
+    let result = match limit {
+        // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the large
+        // request future in place instead of copying it.
+        Some((at, timeout, per_try)) => {
+            tokio::pin!(send);
+            tokio::select! {
+                biased;
+                r = &mut send => r,
+                () = tokio::time::sleep_until(at) => Err(ProxyError::Timeout {
+                    addr: ep.addr,
+                    timeout,
+                    per_try,
+                }),
+            }
+        }
+        None => send.await,
+    };
+    if let Err(e) = &result {
+        if e.is_connect_failure() {
+            backend.connect_failures.increment(1);
+        }
+    }
+    result
+}
+
+/// Picks an endpoint, trying not to send a retry where the last attempt went.
+fn pick_endpoint(backend: &Backend, hash: Option<u64>, avoid: Option<usize>) -> Option<usize> {
+    let i = backend.pick(hash)?;
+    if avoid != Some(i) || backend.endpoints.len() < 2 {
+        return Some(i);
+    }
+    for k in 1..=2u64 {
+        let h = hash.map(|h| h ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        if let Some(j) = backend.pick(h).filter(|&j| j != i) {
+            return Some(j);
+        }
+    }
+    Some(i)
+}
+
+/// Feeds outlier detection. A breaker refusal says nothing about the endpoint.
+fn record_outcome(
+    backend: &Backend,
+    ep: &Endpoint,
+    result: &Result<Response<Incoming>, ProxyError>,
+) {
+    if backend.outlier.is_none() {
+        return;
+    }
+    let outcome = match result {
+        Ok(r) if r.status().is_server_error() => Outcome::ServerError {
+            gateway: matches!(r.status().as_u16(), 502..=504),
+        },
+        Ok(_) => Outcome::Success,
+        Err(ProxyError::CircuitOpen(_)) => return,
+        Err(_) => Outcome::LocalFailure,
+    };
+    backend.record(ep, outcome);
+}
+
+/// Counts a breaker refusal and makes the error for it.
+fn breaker_open(backend: &Backend, breaker: Breaker) -> ProxyError {
+    metrics::counter!(
+        crate::metrics::CIRCUIT_BREAKER_OPEN,
+        "backend" => backend.name.to_string(),
+        "breaker" => breaker.name(),
+    )
+    .increment(1);
+    ProxyError::CircuitOpen(breaker)
+}
+
+/// Waits before retry number `n` (full jitter on an exponential backoff). Returns false
+/// when the route timeout would pass first, so the last result stands instead.
+async fn backoff(
+    p: &RetryPolicy,
+    n: u32,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> bool {
+    let cap = p
+        .backoff_base
+        .saturating_mul(1u32 << (n - 1).min(16))
+        .min(p.backoff_max);
+    let wait = cap.mul_f64(fastrand::f64());
+    let until = tokio::time::Instant::now() + wait;
+    if deadline.is_some_and(|(d, _)| until >= d) {
+        return false;
+    }
+    tokio::time::sleep_until(until).await;
+    true
+}
+
+fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(m)
+}
+
+fn is_retryable_response(r: &Response<Incoming>, p: &RetryPolicy) -> bool {
+    if p.statuses.contains(&r.status().as_u16()) {
+        return true;
+    }
+    // A gRPC error before any message comes as a trailers-only response: grpc-status is in
+    // the headers. Later errors are in trailers, after the response has been passed on.
+    !p.grpc_statuses.is_empty()
+        && r.headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok()?.parse::<u8>().ok())
+            .is_some_and(|code| p.grpc_statuses.contains(&code))
+}
+
+/// A request that can be sent once, or again for each retry.
+enum Sendable {
+    /// Streamed: sent at most once.
+    Once(Option<Request<ProxyBody>>),
+    /// Kept: head and complete body, rebuilt for each attempt.
+    Replay {
+        method: http::Method,
+        uri: Uri,
+        version: Version,
+        headers: http::HeaderMap,
+        body: Option<bytes::Bytes>,
+    },
+}
+
+impl Sendable {
+    /// Reads the body into memory when it is known to fit `limit`, so it can be sent
+    /// again; a larger or unsized body is streamed and the request is not retried.
+    async fn replayable(
+        parts: http::request::Parts,
+        body: Incoming,
+        limit: usize,
+    ) -> Result<Self, ProxyError> {
+        use http_body::Body as _;
+        let fits =
+            body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64);
+        if !fits {
+            return Ok(Self::Once(Some(Request::from_parts(
+                parts,
+                ProxyBody::Upstream(body),
+            ))));
+        }
+        let bytes = http_body_util::BodyExt::collect(body)
+            .await
+            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
+            .to_bytes();
+        Ok(Self::Replay {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+            body: (!bytes.is_empty()).then_some(bytes),
+        })
+    }
+
+    fn replays(&self) -> bool {
+        matches!(self, Self::Replay { .. })
+    }
+
+    /// The request for the next attempt, addressed to `ep`; `None` once a streamed body
+    /// has been sent.
+    fn next(
+        &mut self,
+        ep: &Endpoint,
+        h2_authority: Option<&Authority>,
+    ) -> Option<Request<ProxyBody>> {
+        let mut req = match self {
+            Self::Once(r) => r.take()?,
+            Self::Replay {
+                method,
+                uri,
+                version,
+                headers,
+                body,
+            } => {
+                let mut r = Request::new(ProxyBody::Full(body.clone()));
+                *r.method_mut() = method.clone();
+                *r.uri_mut() = uri.clone();
+                *r.version_mut() = *version;
+                *r.headers_mut() = headers.clone();
+                r
+            }
+        };
+        let authority = h2_authority.unwrap_or(&ep.authority).clone();
+        let mut uri = std::mem::take(req.uri_mut()).into_parts();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(authority);
+        *req.uri_mut() = Uri::from_parts(uri).ok()?;
+        Some(req)
+    }
 }
 
 /// Copies bytes both ways after a successful protocol switch.
@@ -345,6 +593,9 @@ pub fn error_response(err: &ProxyError, version: Version) -> Response<ProxyBody>
     *resp.version_mut() = version;
     let h = resp.headers_mut();
     h.insert(ERROR_HEADER, err.code());
+    if let ProxyError::CircuitOpen(b) = err {
+        h.insert(BREAKER_HEADER, HeaderValue::from_static(b.name()));
+    }
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

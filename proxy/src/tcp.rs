@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
+use crate::health;
 use crate::listener::{accept, IdleTimeout, ListenerContext};
 use crate::table::{Backend, Endpoint};
 
@@ -132,13 +133,14 @@ async fn connect(backend: &Backend, client: SocketAddr) -> Result<(&Endpoint, Tc
         .is_some()
         .then(|| crate::balancer::ip_hash(client.ip()));
     for _ in 0..CONNECT_ATTEMPTS.min(backend.endpoints.len()) {
-        let Some(i) = backend.balancer.pick(&backend.endpoints, hash) else {
+        let Some(i) = backend.pick(hash) else {
             break;
         };
         let ep = &backend.endpoints[i];
         match tokio::time::timeout(backend.connect_timeout, TcpStream::connect(ep.addr)).await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
+                backend.record(ep, health::Outcome::Success);
                 return Ok((ep, stream));
             }
             Ok(Err(e)) => {
@@ -149,6 +151,8 @@ async fn connect(backend: &Backend, client: SocketAddr) -> Result<(&Endpoint, Tc
             }
         }
         backend.connect_failures.increment(1);
+        // For a relayed connection, whether the endpoint accepted it is all Strait can tell.
+        backend.record(ep, health::Outcome::LocalFailure);
         // The affinity endpoint is down: any other endpoint is better than none.
         hash = None;
     }

@@ -20,11 +20,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
+use crate::body::ProxyBody;
+use crate::breaker::{BackendState, LimitedConnector};
 use crate::error::ProxyError;
 use crate::table::spec::{PoolSpec, UpstreamProtocol};
 
 /// The pooled HTTP/1.1 client.
-pub type Http1Client = Client<HttpConnector, Incoming>;
+pub type Http1Client = Client<LimitedConnector, ProxyBody>;
 
 /// How a backend's requests are sent.
 #[derive(Debug, Clone)]
@@ -62,6 +64,7 @@ impl ClientRegistry {
         protocol: UpstreamProtocol,
         pool: &PoolSpec,
         connect_timeout: Duration,
+        state: &Arc<BackendState>,
     ) -> Upstream {
         if protocol == UpstreamProtocol::H2c {
             return Upstream::H2c { connect_timeout };
@@ -81,7 +84,7 @@ impl ClientRegistry {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(pool.idle_timeout)
                 .pool_max_idle_per_host(pool.max_idle_per_endpoint)
-                .build(conn)
+                .build(LimitedConnector::new(conn, Arc::clone(state)))
         });
         Upstream::Http1(Box::new(client.clone()))
     }
@@ -101,7 +104,7 @@ impl ClientRegistry {
 pub async fn send_http1(
     client: &Http1Client,
     addr: SocketAddr,
-    req: Request<Incoming>,
+    req: Request<ProxyBody>,
 ) -> Result<Response<Incoming>, ProxyError> {
     client.request(req).await.map_err(|e| {
         if e.is_connect() {
@@ -125,7 +128,7 @@ pub async fn send_http1(
 /// The multiplexed HTTP/2 connection of one endpoint.
 #[derive(Debug, Default)]
 pub struct H2Slot {
-    conn: ArcSwapOption<SendRequest<Incoming>>,
+    conn: ArcSwapOption<SendRequest<ProxyBody>>,
     /// Serializes reconnects so a burst after a failure opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
 }
@@ -135,7 +138,7 @@ impl H2Slot {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
-    ) -> Result<SendRequest<Incoming>, ProxyError> {
+    ) -> Result<SendRequest<ProxyBody>, ProxyError> {
         if let Some(s) = self.conn.load().as_deref() {
             if !s.is_closed() {
                 return Ok(s.clone());
@@ -182,7 +185,7 @@ impl H2Slot {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
-        req: Request<Incoming>,
+        req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = self.sender(addr, connect_timeout).await?;
         sender.ready().await.map_err(|e| ProxyError::Upstream {

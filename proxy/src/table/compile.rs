@@ -16,15 +16,17 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::spec::{
     BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
-    HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RedirectSpec, RouteSpec,
-    Spec,
+    HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RedirectSpec, RetrySpec,
+    RouteSpec, Spec, UpstreamProtocol,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
-    Redirect, Route, RouteTable, Target, TcpForward,
+    Redirect, RetryPolicy, Route, RouteTable, Target, TcpForward,
 };
 use crate::balancer::{round_robin::Schedule, Balancer};
+use crate::breaker::{BackendRegistry, BackendState};
 use crate::endpoint::{EndpointRegistry, EndpointState};
+use crate::health::OutlierConfig;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
@@ -54,6 +56,8 @@ pub struct Registries {
     pub clients: ClientRegistry,
     /// DNS names of backends and their last answers.
     pub names: NameRegistry,
+    /// Circuit breaker and ejection counters by backend.
+    pub backends: BackendRegistry,
 }
 
 struct Ctx<'a> {
@@ -205,6 +209,11 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         cx.err(format!("{path}.name"), "backend name must not be empty");
     }
     let name: Arc<str> = b.name.as_str().into();
+    let backend_state = match cx.registries {
+        Some(r) => r.backends.get(&name),
+        None => Arc::new(BackendState::default()),
+    };
+    check_resilience(cx, path, b);
     let dns = match (&b.dns, b.endpoints.is_empty()) {
         (None, _) => None,
         (Some(_), false) => {
@@ -266,7 +275,7 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
             continue;
         }
         let state = match cx.registries {
-            Some(r) => r.endpoints.get(&name, addr),
+            Some(r) => r.endpoints.get(&name, addr, &backend_state),
             None => Arc::new(EndpointState::detached(addr)),
         };
         let authority =
@@ -317,7 +326,16 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         return None;
     }
     let upstream = match cx.registries {
-        Some(r) => r.clients.get(&name, b.protocol, &b.pool, b.connect_timeout),
+        Some(r) => {
+            backend_state.set_limits(&b.circuit_breaker);
+            r.clients.get(
+                &name,
+                b.protocol,
+                &b.pool,
+                b.connect_timeout,
+                &backend_state,
+            )
+        }
         None => Upstream::H2c {
             connect_timeout: b.connect_timeout,
         },
@@ -335,9 +353,118 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         upstream,
         connect_failures,
         connect_timeout: b.connect_timeout,
+        state: backend_state,
+        breaker: b.circuit_breaker.clone(),
+        outlier: b.outlier_detection.as_ref().map(OutlierConfig::from),
+        guarded: b.outlier_detection.is_some() || b.health_check.is_some(),
+        panic_threshold: b.panic_threshold,
         dns_answered: answer.is_none_or(|(status, _)| status.phase != Phase::Pending),
         dns,
     })
+}
+
+/// Circuit breaker, outlier detection and health check settings of a backend.
+fn check_resilience(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) {
+    let cb = &b.circuit_breaker;
+    for (field, v) in [
+        ("max_connections", cb.max_connections),
+        ("max_pending_requests", cb.max_pending_requests),
+        ("max_requests", cb.max_requests),
+    ] {
+        if v == 0 {
+            cx.err(
+                format!("{path}.circuit_breaker.{field}"),
+                "must be at least 1",
+            );
+        }
+    }
+    if let Some(budget) = &cb.retry_budget {
+        if budget.percent > 100 {
+            cx.err(
+                format!("{path}.circuit_breaker.retry_budget.percent"),
+                "must be 0 to 100",
+            );
+        }
+    }
+    if b.panic_threshold > 100 {
+        cx.err(format!("{path}.panic_threshold"), "must be 0 to 100");
+    }
+    if let Some(o) = &b.outlier_detection {
+        let opath = format!("{path}.outlier_detection");
+        if o.consecutive_5xx == 0 && o.consecutive_gateway_errors == 0 {
+            cx.err(
+                &opath,
+                "set consecutive_5xx or consecutive_gateway_errors above 0 (or remove outlier_detection)",
+            );
+        }
+        if o.base_ejection_time.is_zero() {
+            cx.err(
+                format!("{opath}.base_ejection_time"),
+                "must be greater than 0s",
+            );
+        }
+        if o.max_ejection_time < o.base_ejection_time {
+            cx.err(
+                format!("{opath}.max_ejection_time"),
+                "must be at least base_ejection_time",
+            );
+        }
+        if o.max_ejection_percent > 100 {
+            cx.err(format!("{opath}.max_ejection_percent"), "must be 0 to 100");
+        }
+    }
+    if let Some(hc) = &b.health_check {
+        let hpath = format!("{path}.health_check");
+        let kinds = [hc.http.is_some(), hc.tcp.is_some(), hc.grpc.is_some()];
+        if kinds.iter().filter(|k| **k).count() != 1 {
+            cx.err(&hpath, "give exactly one of http, tcp or grpc");
+        }
+        if let Some(h) = &hc.http {
+            if !h.path.starts_with('/') {
+                cx.err(format!("{hpath}.http.path"), "must start with '/'");
+            }
+            if Method::from_bytes(h.method.as_bytes()).is_err() {
+                cx.err(
+                    format!("{hpath}.http.method"),
+                    format!("invalid method {:?}", h.method),
+                );
+            }
+            if let Some(host) = &h.host {
+                if HeaderValue::from_str(host).is_err() {
+                    cx.err(
+                        format!("{hpath}.http.host"),
+                        format!("invalid host {host:?}"),
+                    );
+                }
+            }
+            let [lo, hi] = h.expected_statuses;
+            if !(100..=599).contains(&lo) || !(100..=599).contains(&hi) || lo > hi {
+                cx.err(
+                    format!("{hpath}.http.expected_statuses"),
+                    "expected [low, high] with 100 <= low <= high <= 599",
+                );
+            }
+        }
+        if hc.grpc.is_some() && b.protocol != UpstreamProtocol::H2c {
+            cx.err(
+                format!("{hpath}.grpc"),
+                "gRPC health checks need protocol: h2c",
+            );
+        }
+        for (field, d) in [("interval", hc.interval), ("timeout", hc.timeout)] {
+            if d.is_zero() {
+                cx.err(format!("{hpath}.{field}"), "must be greater than 0s");
+            }
+        }
+        for (field, v) in [
+            ("healthy_threshold", hc.healthy_threshold),
+            ("unhealthy_threshold", hc.unhealthy_threshold),
+        ] {
+            if v == 0 {
+                cx.err(format!("{hpath}.{field}"), "must be at least 1");
+            }
+        }
+    }
 }
 
 /// Splits `name:port` and checks the name is a DNS name, not an address.
@@ -680,6 +807,16 @@ fn compile_route(
             "timeout applies to forward routes only",
         );
     }
+    let retry = r.retry.as_ref().and_then(|spec| {
+        if r.forward.is_none() {
+            cx.err(
+                format!("{path}.retry"),
+                "retry applies to forward routes only",
+            );
+            return None;
+        }
+        compile_retry(cx, &format!("{path}.retry"), spec)
+    });
     if cx.errors.len() > before {
         return None;
     }
@@ -703,9 +840,57 @@ fn compile_route(
         name: name.into(),
         action,
         timeout,
+        retry,
         request_headers,
         response_headers,
         rewrite,
+    })
+}
+
+/// Most retries a route may ask for: more only multiplies load on a failing backend.
+const MAX_RETRIES: u32 = 10;
+
+fn compile_retry(cx: &mut Ctx<'_>, path: &str, r: &RetrySpec) -> Option<RetryPolicy> {
+    let before = cx.errors.len();
+    if r.retries > MAX_RETRIES {
+        cx.err(
+            format!("{path}.retries"),
+            format!("must be 0 to {MAX_RETRIES}"),
+        );
+    }
+    for (i, s) in r.statuses.iter().enumerate() {
+        if !(100..=599).contains(s) {
+            cx.err(
+                format!("{path}.statuses[{i}]"),
+                format!("invalid status {s}: expected 100 to 599"),
+            );
+        }
+    }
+    if r.per_try_timeout.is_some_and(|t| t.is_zero()) {
+        cx.err(format!("{path}.per_try_timeout"), "must be greater than 0s");
+    }
+    if r.backoff_base.is_zero() {
+        cx.err(format!("{path}.backoff_base"), "must be greater than 0s");
+    }
+    if r.backoff_max < r.backoff_base {
+        cx.err(
+            format!("{path}.backoff_max"),
+            "must be at least backoff_base",
+        );
+    }
+    if cx.errors.len() > before {
+        return None;
+    }
+    Some(RetryPolicy {
+        retries: r.retries,
+        on_connect_failure: r.on_connect_failure,
+        statuses: r.statuses.clone(),
+        grpc_statuses: r.grpc_statuses.iter().map(|c| *c as u8).collect(),
+        non_idempotent: r.non_idempotent,
+        per_try_timeout: r.per_try_timeout,
+        backoff_base: r.backoff_base,
+        backoff_max: r.backoff_max,
+        buffer_bytes: r.buffer_bytes,
     })
 }
 

@@ -14,10 +14,13 @@ use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use serde::Serialize;
 
 use crate::balancer::{round_robin::Schedule, Balancer, Load};
+use crate::breaker::BackendState;
 use crate::endpoint::{EndpointSnapshot, EndpointState};
+use crate::health::{Outcome, OutlierConfig};
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameStatus};
 use crate::router::Router;
+use crate::table::spec::CircuitBreakerSpec;
 use crate::upstream::Upstream;
 
 pub use compile::{compile, CompileError, Registries};
@@ -114,6 +117,29 @@ pub struct ListenerTable {
     pub unmatched: Arc<TargetMetrics>,
 }
 
+/// A route's retry policy, compiled.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Most retries after the first attempt.
+    pub retries: u32,
+    /// Retry connect failures (any method).
+    pub on_connect_failure: bool,
+    /// Statuses retried (idempotent methods unless `non_idempotent`).
+    pub statuses: Vec<u16>,
+    /// `grpc-status` codes retried.
+    pub grpc_statuses: Vec<u8>,
+    /// Retry statuses for any method.
+    pub non_idempotent: bool,
+    /// Per-attempt timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// First backoff.
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    pub backoff_max: Duration,
+    /// Largest request body kept for replay.
+    pub buffer_bytes: usize,
+}
+
 /// Where a `tcp` listener relays connections.
 #[derive(Debug)]
 pub struct TcpForward {
@@ -130,8 +156,10 @@ pub struct Route {
     pub name: Arc<str>,
     /// What it does.
     pub action: Action,
-    /// Time allowed for the response headers; `None` waits forever.
+    /// Time allowed for the response headers, all attempts together; `None` waits forever.
     pub timeout: Option<Duration>,
+    /// Retries, for forward routes that have them.
+    pub retry: Option<RetryPolicy>,
     /// Request header changes.
     pub request_headers: HeaderOps,
     /// Response header changes.
@@ -257,13 +285,90 @@ pub struct Backend {
     pub connect_timeout: Duration,
     /// The DNS name the endpoints come from, for `dns` backends.
     pub dns: Option<Arc<DnsName>>,
+    /// Live counters (circuit breaker, ejections), shared across generations.
+    pub state: Arc<BackendState>,
+    /// Circuit breaker thresholds.
+    pub breaker: CircuitBreakerSpec,
+    /// Outlier detection, when enabled.
+    pub outlier: Option<OutlierConfig>,
+    /// Whether endpoint health can keep endpoints out (outlier detection or health checks):
+    /// without either, picks skip the health read entirely.
+    pub guarded: bool,
+    /// Below this percentage of available endpoints, health is ignored.
+    pub panic_threshold: u32,
     /// For `dns` backends: whether the name had had an answer (good or bad) when this table
     /// was built. `/ready` waits for it in the table in force, not in the live status, so a
     /// replica is not reported ready before the table with the endpoints is published.
     pub dns_answered: bool,
 }
 
+/// Picks tried when the first pick is not available, before scanning for one.
+const REPICKS: u64 = 3;
+
 impl Backend {
+    /// Picks an endpoint with the backend's policy, stepping around endpoints that
+    /// outlier detection or health checks keep out, unless too few are left (panic mode).
+    /// `None` only for an empty backend.
+    pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
+        let first = self.balancer.pick(&self.endpoints, hash)?;
+        if !self.guarded {
+            return Some(first);
+        }
+        Some(self.pick_available(first, hash))
+    }
+
+    #[cold]
+    fn pick_available(&self, first: usize, hash: Option<u64>) -> usize {
+        let now = crate::endpoint::clock_ns();
+        let ok = |i: usize| self.endpoints[i].state.health.available(now);
+        if ok(first) {
+            return first;
+        }
+        let n = self.endpoints.len();
+        let out = (self.state.unavailable() as usize).min(n);
+        if (n - out) * 100 < n * self.panic_threshold as usize {
+            // Too few left to carry the load: spread over all rather than overload them.
+            return first;
+        }
+        for k in 1..=REPICKS {
+            // A hashing policy needs another key to land elsewhere; the others move anyway.
+            let h = hash.map(|h| h ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            if let Some(i) = self.balancer.pick(&self.endpoints, h) {
+                if ok(i) {
+                    return i;
+                }
+            }
+        }
+        (1..n)
+            .map(|k| (first + k) % n)
+            .find(|&i| self.endpoints[i].weight > 0 && ok(i))
+            .unwrap_or(first)
+    }
+
+    /// Feeds an attempt's outcome at `ep` to outlier detection, if enabled.
+    pub fn record(&self, ep: &Endpoint, outcome: Outcome) {
+        let Some(cfg) = &self.outlier else {
+            return;
+        };
+        let now = crate::endpoint::clock_ns();
+        if ep
+            .state
+            .health
+            .record(outcome, cfg, self.endpoints.len(), now)
+        {
+            let labels = [("backend", self.name.to_string())];
+            metrics::counter!(crate::metrics::OUTLIER_EJECTIONS, &labels).increment(1);
+            metrics::gauge!(crate::metrics::OUTLIER_EJECTED, &labels)
+                .set(f64::from(self.state.ejected()));
+            tracing::warn!(
+                backend = &*self.name,
+                endpoint = %ep.addr,
+                ejected = self.state.ejected(),
+                "outlier detection ejected an endpoint"
+            );
+        }
+    }
+
     /// Why the backend has no endpoints, for error bodies and logs.
     pub fn unavailable_reason(&self) -> String {
         match &self.dns {

@@ -231,6 +231,9 @@ pub struct RouteSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// Retries of failed attempts (forward routes only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
     /// Header changes applied to the request sent upstream.
     #[serde(default)]
     pub request_headers: HeaderOpsSpec,
@@ -379,6 +382,259 @@ pub struct BackendSpec {
     /// Keep-alive pool limits.
     #[serde(default)]
     pub pool: PoolSpec,
+    /// Limits past which requests fail fast with 503 instead of queueing.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerSpec,
+    /// Passive health: eject endpoints that keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierSpec>,
+    /// Active health checks of every endpoint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+    /// When fewer than this percentage of endpoints are available (not ejected, passing
+    /// health checks), health is ignored and requests go to every endpoint: better some
+    /// errors than refusing everything (Envoy's healthy panic threshold).
+    #[serde(default = "default_panic_threshold")]
+    pub panic_threshold: u32,
+}
+
+fn default_panic_threshold() -> u32 {
+    50
+}
+
+/// Per-backend limits, checked before a request is sent (Envoy's circuit breaker
+/// thresholds, with Envoy's defaults).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreakerSpec {
+    /// Open upstream connections (`http1` backends).
+    pub max_connections: u32,
+    /// Requests waiting for a connection while `max_connections` are open (`http1`).
+    pub max_pending_requests: u32,
+    /// Requests in flight to the backend.
+    pub max_requests: u32,
+    /// Retries in flight to the backend; replaced by `retry_budget` when that is set.
+    pub max_retries: u32,
+    /// Retries in flight at most this share of the requests in flight.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudgetSpec>,
+}
+
+impl Default for CircuitBreakerSpec {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
+    }
+}
+
+/// A retry budget: concurrent retries at most `percent` of the requests in flight, and
+/// always at least `min_concurrency`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryBudgetSpec {
+    /// Share of the requests in flight, 0 to 100.
+    pub percent: u32,
+    /// Retries always allowed, whatever the load.
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        Self {
+            percent: 20,
+            min_concurrency: 3,
+        }
+    }
+}
+
+/// Outlier detection: consecutive failures eject an endpoint for a while.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierSpec {
+    /// Consecutive 5xx answers or connect failures that eject an endpoint (0: off).
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway errors (502, 503, 504, connect failures and timeouts) that eject
+    /// an endpoint (0: off).
+    pub consecutive_gateway_errors: u32,
+    /// The first ejection lasts this long; each further one lasts this times its number.
+    #[serde(with = "duration")]
+    pub base_ejection_time: Duration,
+    /// Longest ejection.
+    #[serde(with = "duration")]
+    pub max_ejection_time: Duration,
+    /// Most endpoints ejected at once, in percent of the backend (at least one).
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierSpec {
+    fn default() -> Self {
+        Self {
+            consecutive_5xx: 5,
+            consecutive_gateway_errors: 0,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 10,
+        }
+    }
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// An HTTP/1.1 request; passes on an expected status. Exactly one of `http`, `tcp`,
+    /// `grpc` is given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheckSpec>,
+    /// A TCP connect; passes when it is accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpCheckSpec>,
+    /// grpc.health.v1 `Check` over h2c; passes on `SERVING`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheckSpec>,
+    /// Time between two checks of an endpoint.
+    #[serde(default = "default_hc_interval", with = "duration")]
+    pub interval: Duration,
+    /// Time allowed for one check.
+    #[serde(default = "default_hc_timeout", with = "duration")]
+    pub timeout: Duration,
+    /// Consecutive passes that make an unhealthy endpoint healthy.
+    #[serde(default = "default_hc_threshold")]
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy endpoint unhealthy.
+    #[serde(default = "default_hc_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Each interval is stretched by a random share up to this, so checks spread out.
+    #[serde(default = "default_hc_jitter", with = "duration")]
+    pub jitter: Duration,
+}
+
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_hc_threshold() -> u32 {
+    2
+}
+
+fn default_hc_jitter() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheckSpec {
+    /// Request path.
+    pub path: String,
+    /// Request method.
+    #[serde(default = "default_hc_method")]
+    pub method: String,
+    /// `Host` header; the endpoint's address when not set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Statuses that pass, as `[low, high]` inclusive.
+    #[serde(default = "default_hc_statuses")]
+    pub expected_statuses: [u16; 2],
+}
+
+fn default_hc_method() -> String {
+    "GET".to_owned()
+}
+
+fn default_hc_statuses() -> [u16; 2] {
+    [200, 399]
+}
+
+/// A TCP connect health check.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TcpCheckSpec {}
+
+/// A gRPC health check (grpc.health.v1).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcCheckSpec {
+    /// The service name asked about; empty asks about the server as a whole.
+    #[serde(default)]
+    pub service: String,
+}
+
+/// Retries of a forward route.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySpec {
+    /// Most retries after the first attempt.
+    pub retries: u32,
+    /// Retry when the connection to the endpoint failed or timed out (any method: the
+    /// endpoint never saw the request).
+    pub on_connect_failure: bool,
+    /// Retry on these response statuses (idempotent methods only, unless `non_idempotent`).
+    pub statuses: Vec<u16>,
+    /// Retry on these gRPC statuses, read from `grpc-status` in the response headers.
+    pub grpc_statuses: Vec<GrpcCode>,
+    /// Also retry POST and PATCH on statuses (never safe in general; only for endpoints
+    /// known to be idempotent).
+    pub non_idempotent: bool,
+    /// Time allowed for each attempt's response headers; the route `timeout` bounds them all.
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// First backoff before a retry; doubled each retry, with full jitter.
+    #[serde(with = "duration")]
+    pub backoff_base: Duration,
+    /// Longest backoff.
+    #[serde(with = "duration")]
+    pub backoff_max: Duration,
+    /// Request bodies up to this size are kept to be sent again; larger ones are not retried.
+    pub buffer_bytes: usize,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            retries: 2,
+            on_connect_failure: true,
+            statuses: Vec::new(),
+            grpc_statuses: Vec::new(),
+            non_idempotent: false,
+            per_try_timeout: None,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// gRPC status codes by name, as in the gRPC spec (`grpc-status` values 1 to 16).
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+#[allow(missing_docs)]
+pub enum GrpcCode {
+    Cancelled = 1,
+    Unknown = 2,
+    InvalidArgument = 3,
+    DeadlineExceeded = 4,
+    NotFound = 5,
+    AlreadyExists = 6,
+    PermissionDenied = 7,
+    ResourceExhausted = 8,
+    FailedPrecondition = 9,
+    Aborted = 10,
+    OutOfRange = 11,
+    Unimplemented = 12,
+    Internal = 13,
+    Unavailable = 14,
+    DataLoss = 15,
+    Unauthenticated = 16,
 }
 
 fn default_connect_timeout() -> Duration {

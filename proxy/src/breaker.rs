@@ -1,0 +1,382 @@
+//! Circuit breaking: per-backend counters of requests, retries and connections, checked
+//! before a request is sent so that an overloaded backend gets a fast 503 instead of an
+//! unbounded queue (Envoy's thresholds). The counters live outside the routing table, in a
+//! registry keyed by backend name, so a reload does not reset them.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
+
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper::Uri;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+use crate::table::spec::CircuitBreakerSpec;
+
+/// Which threshold turned a request away; the value of the `x-strait-circuit-breaker`
+/// response header and of the `breaker` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    /// `max_requests`.
+    MaxRequests,
+    /// `max_pending_requests`.
+    MaxPendingRequests,
+    /// `max_retries` or the retry budget (the retry is skipped, not the request).
+    MaxRetries,
+}
+
+impl Breaker {
+    /// The threshold's name as configured.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MaxRequests => "max_requests",
+            Self::MaxPendingRequests => "max_pending_requests",
+            Self::MaxRetries => "max_retries",
+        }
+    }
+}
+
+/// Live counters of one backend, shared by every table generation that has it.
+#[derive(Debug, Default)]
+pub struct BackendState {
+    requests: AtomicU32,
+    retries: AtomicU32,
+    connections: AtomicU32,
+    /// `max_connections` for the connector, which outlives tables: set at each compile.
+    max_connections: AtomicU32,
+    connection_closed: Notify,
+    /// Endpoints ejected by outlier detection.
+    pub(crate) ejected: AtomicU32,
+    /// Endpoints ejected or failing active health checks.
+    pub(crate) unavailable: AtomicU32,
+}
+
+impl BackendState {
+    /// Takes a request slot, or names the threshold in the way: `max_requests`, or for
+    /// HTTP/1.1 (`pooled`, one request per connection) `max_pending_requests`, the requests
+    /// beyond `max_connections` being the ones that wait for a connection.
+    pub fn try_request(
+        self: &Arc<Self>,
+        cb: &CircuitBreakerSpec,
+        pooled: bool,
+    ) -> Result<Slot, Breaker> {
+        let limit = if pooled {
+            cb.max_requests
+                .min(cb.max_connections.saturating_add(cb.max_pending_requests))
+        } else {
+            cb.max_requests
+        };
+        if take(&self.requests, limit) {
+            return Ok(Slot {
+                state: Arc::clone(self),
+                retry: false,
+            });
+        }
+        if self.requests() >= cb.max_requests {
+            Err(Breaker::MaxRequests)
+        } else {
+            Err(Breaker::MaxPendingRequests)
+        }
+    }
+
+    /// Takes a retry slot within `cb`'s retry limit (or budget), or `None`.
+    pub fn try_retry(self: &Arc<Self>, cb: &CircuitBreakerSpec) -> Option<Slot> {
+        let limit = match &cb.retry_budget {
+            Some(b) => {
+                let share = u64::from(self.requests()) * u64::from(b.percent) / 100;
+                u32::try_from(share)
+                    .unwrap_or(u32::MAX)
+                    .max(b.min_concurrency)
+            }
+            None => cb.max_retries,
+        };
+        take(&self.retries, limit).then(|| Slot {
+            state: Arc::clone(self),
+            retry: true,
+        })
+    }
+
+    /// Requests in flight.
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Open upstream connections.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Endpoints currently ejected by outlier detection.
+    pub fn ejected(&self) -> u32 {
+        self.ejected.load(Ordering::Relaxed)
+    }
+
+    /// Endpoints currently ejected or failing active health checks.
+    pub fn unavailable(&self) -> u32 {
+        self.unavailable.load(Ordering::Relaxed)
+    }
+
+    /// Applies a table's thresholds to the connection limiter.
+    pub fn set_limits(&self, cb: &CircuitBreakerSpec) {
+        self.max_connections
+            .store(cb.max_connections, Ordering::Relaxed);
+        // A raised limit may let waiting connects go.
+        self.connection_closed.notify_waiters();
+    }
+
+    /// Waits for a connection slot. The wait is bounded in number, not time: requests past
+    /// `max_connections + max_pending_requests` are refused before they get here, and a
+    /// request that gets a pooled connection meanwhile stops waiting (the route timeout
+    /// bounds the rest).
+    async fn connection_slot(self: &Arc<Self>) -> ConnectionSlot {
+        loop {
+            // Register before checking, so a close between the check and the wait is seen.
+            let closed = self.connection_closed.notified();
+            tokio::pin!(closed);
+            closed.as_mut().enable();
+            if take(
+                &self.connections,
+                self.max_connections.load(Ordering::Relaxed),
+            ) {
+                return ConnectionSlot(Arc::clone(self));
+            }
+            closed.await;
+        }
+    }
+}
+
+/// Increments `counter` unless it has reached `max`.
+fn take(counter: &AtomicU32, max: u32) -> bool {
+    counter
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
+/// A request (or retry) counted against its backend's thresholds until dropped.
+#[derive(Debug)]
+pub struct Slot {
+    state: Arc<BackendState>,
+    retry: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let counter = if self.retry {
+            &self.state.retries
+        } else {
+            &self.state.requests
+        };
+        counter.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One open upstream connection, released when the connection is dropped.
+#[derive(Debug)]
+struct ConnectionSlot(Arc<BackendState>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::Relaxed);
+        self.0.connection_closed.notify_one();
+    }
+}
+
+/// Backend states by name, kept while a table uses them.
+#[derive(Debug, Default)]
+pub struct BackendRegistry {
+    map: Mutex<HashMap<Arc<str>, Weak<BackendState>>>,
+}
+
+impl BackendRegistry {
+    /// The state of backend `name`: the existing one while any table holds it.
+    pub fn get(&self, name: &Arc<str>) -> Arc<BackendState> {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = map.get(name).and_then(Weak::upgrade) {
+            return s;
+        }
+        let s = Arc::new(BackendState::default());
+        map.insert(Arc::clone(name), Arc::downgrade(&s));
+        s
+    }
+
+    /// Forgets backends no table holds any more.
+    pub fn prune(&self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+}
+
+/// The HTTP/1.1 client's connector: a TCP connect that first takes a connection slot of
+/// the backend, so `max_connections` and `max_pending_requests` hold whatever the pool does.
+#[derive(Debug, Clone)]
+pub struct LimitedConnector {
+    inner: HttpConnector,
+    state: Arc<BackendState>,
+}
+
+impl LimitedConnector {
+    /// Wraps `inner`, counting its connections against `state`.
+    pub fn new(inner: HttpConnector, state: Arc<BackendState>) -> Self {
+        Self { inner, state }
+    }
+}
+
+impl tower_service::Service<Uri> for LimitedConnector {
+    type Response = LimitedConnection;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+    type Future =
+        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut inner = self.inner.clone();
+        let state = Arc::clone(&self.state);
+        Box::pin(async move {
+            let slot = state.connection_slot().await;
+            let io = inner.call(uri).await?;
+            Ok(LimitedConnection { io, _slot: slot })
+        })
+    }
+}
+
+/// A TCP connection that holds its backend's connection slot.
+#[derive(Debug)]
+pub struct LimitedConnection {
+    io: TokioIo<TcpStream>,
+    _slot: ConnectionSlot,
+}
+
+impl Connection for LimitedConnection {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+impl Read for LimitedConnection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl Write for LimitedConnection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_past_the_connections_are_pending_and_bounded() {
+        let s = Arc::new(BackendState::default());
+        let cb = CircuitBreakerSpec {
+            max_connections: 2,
+            max_pending_requests: 1,
+            max_requests: 10,
+            ..CircuitBreakerSpec::default()
+        };
+        let a = s.try_request(&cb, true).unwrap();
+        let _b = s.try_request(&cb, true).unwrap();
+        let _c = s.try_request(&cb, true).unwrap();
+        assert_eq!(
+            s.try_request(&cb, true).unwrap_err(),
+            Breaker::MaxPendingRequests
+        );
+        // HTTP/2 multiplexes: only max_requests applies.
+        let _d = s.try_request(&cb, false).unwrap();
+        drop(a);
+        assert!(s.try_request(&cb, true).is_ok());
+        // Three in flight (b, c, d).
+        let cb = CircuitBreakerSpec {
+            max_requests: 3,
+            ..cb
+        };
+        assert_eq!(s.try_request(&cb, false).unwrap_err(), Breaker::MaxRequests);
+    }
+
+    #[test]
+    fn retry_budget_scales_with_requests() {
+        let s = Arc::new(BackendState::default());
+        let cb = CircuitBreakerSpec {
+            retry_budget: Some(crate::table::spec::RetryBudgetSpec {
+                percent: 20,
+                min_concurrency: 1,
+            }),
+            ..CircuitBreakerSpec::default()
+        };
+        let _reqs: Vec<_> = (0..10)
+            .map(|_| s.try_request(&cb, false).unwrap())
+            .collect();
+        let r1 = s.try_retry(&cb).unwrap();
+        let _r2 = s.try_retry(&cb).unwrap();
+        assert!(s.try_retry(&cb).is_none(), "20% of 10 is 2");
+        drop(r1);
+        assert!(s.try_retry(&cb).is_some());
+    }
+
+    #[tokio::test]
+    async fn connects_wait_for_a_closed_connection() {
+        let s = Arc::new(BackendState::default());
+        s.set_limits(&CircuitBreakerSpec {
+            max_connections: 1,
+            ..CircuitBreakerSpec::default()
+        });
+        let first = s.connection_slot().await;
+        let waiting = tokio::spawn({
+            let s = Arc::clone(&s);
+            async move { s.connection_slot().await }
+        });
+        // This test runs on one thread: yielding lets the waiter run and find no slot.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        drop(first);
+        let second = waiting.await.unwrap();
+        assert_eq!(s.connections(), 1);
+        drop(second);
+        assert_eq!(s.connections(), 0);
+    }
+}
