@@ -324,16 +324,21 @@ mod tests {
             s.try_request(&cb, true).unwrap_err(),
             Breaker::MaxPendingRequests
         );
-        // HTTP/2 multiplexes: only max_requests applies.
-        let _d = s.try_request(&cb, false).unwrap();
         drop(a);
         assert!(s.try_request(&cb, true).is_ok());
-        // Three in flight (b, c, d).
+        // HTTP/2 multiplexes: only max_requests applies.
+        let h2 = Arc::new(BackendState::default());
         let cb = CircuitBreakerSpec {
-            max_requests: 3,
+            max_requests: 4,
             ..cb
         };
-        assert_eq!(s.try_request(&cb, false).unwrap_err(), Breaker::MaxRequests);
+        let _held: Vec<_> = (0..4)
+            .map(|_| h2.try_request(&cb, false).unwrap())
+            .collect();
+        assert_eq!(
+            h2.try_request(&cb, false).unwrap_err(),
+            Breaker::MaxRequests
+        );
     }
 
     #[test]
