@@ -23,6 +23,11 @@ pub enum ProxyBody {
     Upstream(Incoming),
     /// A complete body (direct responses, errors).
     Full(Option<Bytes>),
+    /// A request body kept for retries: its data, then its trailers if it had any.
+    Kept(Option<Bytes>, Option<http::HeaderMap>),
+    /// A stream whose first frame was read ahead (a request body too large to keep for
+    /// retries, a gRPC response whose trailers were looked at), then the rest.
+    Resumed(Option<Frame<Bytes>>, Incoming),
 }
 
 impl ProxyBody {
@@ -49,6 +54,14 @@ impl Body for ProxyBody {
         match self.get_mut() {
             Self::Upstream(b) => Pin::new(b).poll_frame(cx),
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Self::Kept(data, trailers) => Poll::Ready(match data.take() {
+                Some(d) => Some(Ok(Frame::data(d))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+            Self::Resumed(first, rest) => match first.take() {
+                Some(f) => Poll::Ready(Some(Ok(f))),
+                None => Pin::new(rest).poll_frame(cx),
+            },
         }
     }
 
@@ -56,13 +69,30 @@ impl Body for ProxyBody {
         match self {
             Self::Upstream(b) => b.is_end_stream(),
             Self::Full(b) => b.is_none(),
+            Self::Kept(d, t) => d.is_none() && t.is_none(),
+            Self::Resumed(first, rest) => first.is_none() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(b) => b.size_hint(),
-            Self::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Self::Full(b) | Self::Kept(b, _) => {
+                SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Self::Resumed(first, rest) => {
+                let n = first
+                    .as_ref()
+                    .and_then(Frame::data_ref)
+                    .map_or(0, |d| d.len() as u64);
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper + n);
+                }
+                hint.set_lower(rest.lower() + n);
+                hint
+            }
         }
     }
 }

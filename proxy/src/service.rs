@@ -267,7 +267,16 @@ async fn forward(
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();
-        let result = attempt(backend, ep, upstream_req, deadline, policy).await;
+        let mut result = attempt(backend, ep, upstream_req, deadline, policy)
+            .await
+            .map(|r| r.map(ProxyBody::Upstream));
+        if let (Ok(r), Some(p)) = (&mut result, policy) {
+            if !p.grpc_statuses.is_empty() {
+                if let Err(e) = read_grpc_status(r, ep, deadline).await {
+                    result = Err(e);
+                }
+            }
+        }
         record_outcome(backend, ep, &result);
         drop(retry_slot.take());
         let retry = match (&result, policy) {
@@ -322,7 +331,7 @@ async fn forward(
     *resp.version_mut() = version;
     finish_response(route, &mut resp, &done);
     done.status = resp.status();
-    resp.map(|b| ObservedBody::new(ProxyBody::Upstream(b), done))
+    resp.map(|b| ObservedBody::new(b, done))
 }
 
 /// One try: sends on the backend's connection type, within the per-try timeout and what
@@ -392,11 +401,7 @@ fn pick_endpoint(backend: &Backend, hash: Option<u64>, avoid: Option<usize>) -> 
 }
 
 /// Feeds outlier detection. A breaker refusal says nothing about the endpoint.
-fn record_outcome(
-    backend: &Backend,
-    ep: &Endpoint,
-    result: &Result<Response<Incoming>, ProxyError>,
-) {
+fn record_outcome<B>(backend: &Backend, ep: &Endpoint, result: &Result<Response<B>, ProxyError>) {
     if backend.outlier.is_none() {
         return;
     }
@@ -455,17 +460,64 @@ fn is_idempotent(m: &http::Method) -> bool {
     .contains(m)
 }
 
-fn is_retryable_response(r: &Response<Incoming>, p: &RetryPolicy) -> bool {
+fn is_retryable_response(r: &Response<ProxyBody>, p: &RetryPolicy) -> bool {
     if p.statuses.contains(&r.status().as_u16()) {
         return true;
     }
-    // A gRPC error before any message comes as a trailers-only response: grpc-status is in
-    // the headers. Later errors are in trailers, after the response has been passed on.
-    !p.grpc_statuses.is_empty()
-        && r.headers()
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok()?.parse::<u8>().ok())
-            .is_some_and(|code| p.grpc_statuses.contains(&code))
+    if p.grpc_statuses.is_empty() {
+        return false;
+    }
+    // grpc-status is in the headers of a trailers-only response, else in the trailers that
+    // `read_grpc_status` read ahead when no message came before them.
+    let trailers = match r.body() {
+        ProxyBody::Resumed(Some(f), _) => f.trailers_ref(),
+        _ => None,
+    };
+    r.headers()
+        .get("grpc-status")
+        .or_else(|| trailers.and_then(|t| t.get("grpc-status")))
+        .and_then(|v| v.to_str().ok()?.parse::<u8>().ok())
+        .is_some_and(|code| p.grpc_statuses.contains(&code))
+}
+
+/// For a gRPC response without `grpc-status` in its headers, reads the first frame: either a
+/// message (the call went through: nothing to retry) or the trailers with the status. A
+/// call that fails before any message is retried like a trailers-only response. The read
+/// is bounded by the route timeout; the frame is passed on as it was.
+async fn read_grpc_status(
+    resp: &mut Response<ProxyBody>,
+    ep: &Endpoint,
+    deadline: Option<(tokio::time::Instant, Duration)>,
+) -> Result<(), ProxyError> {
+    use http_body_util::BodyExt as _;
+    let grpc = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc || resp.headers().contains_key("grpc-status") {
+        return Ok(());
+    }
+    let body = std::mem::replace(resp.body_mut(), ProxyBody::empty());
+    let ProxyBody::Upstream(mut body) = body else {
+        *resp.body_mut() = body;
+        return Ok(());
+    };
+    let first = match deadline {
+        Some((at, timeout)) => tokio::time::timeout_at(at, body.frame())
+            .await
+            .map_err(|_| ProxyError::Timeout {
+                addr: ep.addr,
+                timeout,
+                per_try: false,
+            })?,
+        None => body.frame().await,
+    };
+    let first = first.transpose().map_err(|e| ProxyError::Upstream {
+        addr: ep.addr,
+        reason: e.to_string(),
+    })?;
+    *resp.body_mut() = ProxyBody::Resumed(first, body);
+    Ok(())
 }
 
 /// A request that can be sent once, or again for each retry.
@@ -479,36 +531,48 @@ enum Sendable {
         version: Version,
         headers: http::HeaderMap,
         body: Option<bytes::Bytes>,
+        trailers: Option<http::HeaderMap>,
     },
 }
 
 impl Sendable {
-    /// Reads the body into memory when it is known to fit `limit`, so it can be sent
-    /// again; a larger or unsized body is streamed and the request is not retried.
+    /// Reads the body into memory, up to `limit` bytes, so it can be sent again. A larger
+    /// body is streamed (what was read first, then the rest) and the request is sent once.
     async fn replayable(
         parts: http::request::Parts,
-        body: Incoming,
+        mut body: Incoming,
         limit: usize,
     ) -> Result<Self, ProxyError> {
         use http_body::Body as _;
-        let fits =
-            body.is_end_stream() || body.size_hint().exact().is_some_and(|n| n <= limit as u64);
-        if !fits {
-            return Ok(Self::Once(Some(Request::from_parts(
-                parts,
-                ProxyBody::Upstream(body),
-            ))));
+        use http_body_util::BodyExt as _;
+        if body.size_hint().lower() > limit as u64 {
+            let req = Request::from_parts(parts, ProxyBody::Upstream(body));
+            return Ok(Self::Once(Some(req)));
         }
-        let bytes = http_body_util::BodyExt::collect(body)
-            .await
-            .map_err(|_| ProxyError::BadRequest("the request body could not be read"))?
-            .to_bytes();
+        let mut kept = bytes::BytesMut::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            let frame =
+                frame.map_err(|_| ProxyError::BadRequest("the request body could not be read"))?;
+            match frame.into_data() {
+                Ok(data) => {
+                    kept.extend_from_slice(&data);
+                    if kept.len() > limit {
+                        let first = Some(http_body::Frame::data(kept.freeze()));
+                        let req = Request::from_parts(parts, ProxyBody::Resumed(first, body));
+                        return Ok(Self::Once(Some(req)));
+                    }
+                }
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
         Ok(Self::Replay {
             method: parts.method,
             uri: parts.uri,
             version: parts.version,
             headers: parts.headers,
-            body: (!bytes.is_empty()).then_some(bytes),
+            body: (!kept.is_empty()).then(|| kept.freeze()),
+            trailers,
         })
     }
 
@@ -531,8 +595,9 @@ impl Sendable {
                 version,
                 headers,
                 body,
+                trailers,
             } => {
-                let mut r = Request::new(ProxyBody::Full(body.clone()));
+                let mut r = Request::new(ProxyBody::Kept(body.clone(), trailers.clone()));
                 *r.method_mut() = method.clone();
                 *r.uri_mut() = uri.clone();
                 *r.version_mut() = *version;

@@ -34,6 +34,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicUsize>,
+    /// How it answers; tests change it while it serves.
+    pub behaviour: Arc<Behaviour>,
     _stop: watch::Sender<()>,
 }
 
@@ -75,6 +77,8 @@ impl Upstream {
     fn serve(name: &str, listener: TcpListener, delay: Duration) -> Self {
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Behaviour::default());
+        let b = Arc::clone(&behaviour);
         let (stop, mut stopped) = watch::channel(());
         let n: Arc<str> = name.into();
         let h = Arc::clone(&hits);
@@ -84,11 +88,11 @@ impl Upstream {
                     r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
                     _ = stopped.changed() => return,
                 };
-                let (n, h) = (Arc::clone(&n), Arc::clone(&h));
+                let (n, h, b) = (Arc::clone(&n), Arc::clone(&h), Arc::clone(&b));
                 tokio::spawn(async move {
                     let svc = service_fn(move |req: Request<Incoming>| {
-                        let (n, h) = (Arc::clone(&n), Arc::clone(&h));
-                        async move { Ok::<_, Infallible>(answer(&n, &h, delay, req).await) }
+                        let (n, h, b) = (Arc::clone(&n), Arc::clone(&h), Arc::clone(&b));
+                        async move { Ok::<_, Infallible>(answer(&n, &h, &b, delay, req).await) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(s), svc)
@@ -101,6 +105,7 @@ impl Upstream {
             addr,
             name: name.to_owned(),
             hits,
+            behaviour,
             _stop: stop,
         }
     }
@@ -124,13 +129,51 @@ impl Upstream {
     }
 }
 
+/// How an [`Upstream`] answers, changed by tests while it serves.
+#[derive(Default)]
+pub struct Behaviour {
+    /// Answer with this status instead of 200 (0: 200).
+    pub status: std::sync::atomic::AtomicU16,
+    /// Answer every other request (the 1st, 3rd, ...) with 503.
+    pub flaky: std::sync::atomic::AtomicBool,
+    flaky_count: AtomicUsize,
+    in_flight: AtomicUsize,
+    /// Most requests it had in progress at once.
+    pub peak: AtomicUsize,
+}
+
+impl Behaviour {
+    pub fn fail_with(&self, status: u16) {
+        self.status.store(status, Ordering::SeqCst);
+    }
+
+    pub fn recover(&self) {
+        self.status.store(0, Ordering::SeqCst);
+        self.flaky.store(false, Ordering::SeqCst);
+    }
+}
+
 async fn answer(
     name: &str,
     hits: &AtomicUsize,
+    b: &Behaviour,
     delay: Duration,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     hits.fetch_add(1, Ordering::SeqCst);
+    let now = b.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+    b.peak.fetch_max(now, Ordering::SeqCst);
+    let resp = answer_inner(name, b, delay, req).await;
+    b.in_flight.fetch_sub(1, Ordering::SeqCst);
+    resp
+}
+
+async fn answer_inner(
+    name: &str,
+    b: &Behaviour,
+    delay: Duration,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let extra = req
         .headers()
         .get("x-delay-ms")
@@ -142,6 +185,18 @@ async fn answer(
         tokio::time::sleep(sleep).await;
     }
     let mut resp = Response::new(Full::new(Bytes::from(name.to_owned())));
+    let status = match b.status.load(Ordering::SeqCst) {
+        0 if b.flaky.load(Ordering::SeqCst)
+            && b.flaky_count
+                .fetch_add(1, Ordering::SeqCst)
+                .is_multiple_of(2) =>
+        {
+            503
+        }
+        0 => 200,
+        s => s,
+    };
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap();
     let h = resp.headers_mut();
     h.insert("x-upstream", name.parse().unwrap());
     for (seen, header) in [
@@ -274,6 +329,29 @@ impl Reply {
             .get(name)
             .map(|v| v.to_str().unwrap())
             .unwrap_or("")
+    }
+}
+
+/// A client for requests with a body.
+pub fn body_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// Sends a request with a body on a [`body_client`].
+pub async fn send_full(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+) -> Reply {
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("response within 10s")
+        .expect("request succeeds");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
     }
 }
 

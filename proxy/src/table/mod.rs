@@ -62,6 +62,9 @@ impl RouteTable {
                 .iter()
                 .map(|b| BackendView {
                     name: &b.name,
+                    requests: b.state.requests(),
+                    connections: b.state.connections(),
+                    ejected: b.state.ejected(),
                     endpoints: b.endpoints.iter().map(|e| e.state.snapshot()).collect(),
                     dns: b.dns.as_ref().map(|n| DnsView {
                         name: n.host(),
@@ -89,6 +92,12 @@ pub struct TableView<'a> {
 #[derive(Debug, Serialize)]
 struct BackendView<'a> {
     name: &'a str,
+    /// Requests in flight (the circuit breaker's count).
+    requests: u32,
+    /// Open HTTP/1.1 connections.
+    connections: u32,
+    /// Endpoints ejected by outlier detection.
+    ejected: u32,
     endpoints: Vec<EndpointSnapshot>,
     #[serde(skip_serializing_if = "Option::is_none")]
     dns: Option<DnsView<'a>>,
