@@ -363,3 +363,136 @@ backends:
         assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
     }
 }
+
+/// Whether endpoint `addr` of the first backend passes its active health checks.
+fn healthy(p: &TestProxy, addr: std::net::SocketAddr) -> bool {
+    let t = p.handle.current().unwrap();
+    let e = t.backends[0]
+        .endpoints
+        .iter()
+        .find(|e| e.addr == addr)
+        .unwrap();
+    e.state.snapshot().health.healthy
+}
+
+const HTTP_CHECK: &str = "    health_check:
+      http: {path: /healthz}
+      interval: 100ms
+      timeout: 500ms
+      jitter: 20ms
+      healthy_threshold: 1
+      unhealthy_threshold: 2";
+
+#[tokio::test]
+async fn http_health_checks_remove_and_restore_an_endpoint() {
+    let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
+    let p = TestProxy::start(&config(&[&a, &b], HTTP_CHECK, "")).await;
+    b.behaviour.fail_with(500);
+    eventually(Duration::from_secs(5), "b fails its checks", || async {
+        !healthy(&p, b.addr)
+    })
+    .await;
+    let replies = get_n(&p, 20).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == 200 && r.header("x-upstream") == "a"),
+        "no traffic to the unhealthy endpoint"
+    );
+    b.behaviour.recover();
+    eventually(Duration::from_secs(5), "b passes again", || async {
+        healthy(&p, b.addr)
+    })
+    .await;
+    let replies = get_n(&p, 20).await;
+    assert_eq!(
+        replies
+            .iter()
+            .filter(|r| r.header("x-upstream") == "b")
+            .count(),
+        10
+    );
+    let metrics = p.handle.current().unwrap();
+    assert!(metrics.backends[0].health_check.is_some());
+}
+
+#[tokio::test]
+async fn tcp_health_checks_keep_traffic_off_a_dead_endpoint() {
+    let a = Upstream::start("a").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_addr = dead.local_addr().unwrap();
+    drop(dead);
+    let check = "    health_check:
+      tcp: {}
+      interval: 100ms
+      timeout: 500ms
+      unhealthy_threshold: 1";
+    let yaml = config(&[&a], check, "").replace(
+        &format!("endpoints: [\"{}\"]", a.addr),
+        &format!("endpoints: [\"{dead_addr}\", \"{}\"]", a.addr),
+    );
+    let p = TestProxy::start(&yaml).await;
+    eventually(
+        Duration::from_secs(5),
+        "the dead endpoint is unhealthy",
+        || async { !healthy(&p, dead_addr) },
+    )
+    .await;
+    let replies = get_n(&p, 20).await;
+    assert!(
+        replies.iter().all(|r| r.status == 200),
+        "no 502 from the dead endpoint"
+    );
+}
+
+#[tokio::test]
+async fn grpc_health_checks_follow_the_serving_status() {
+    use tonic_health::ServingStatus;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", ServingStatus::NotServing)
+        .await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let other = Upstream::start("other").await;
+    let yaml = format!(
+        "access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - forward: {{backend: grpc}}
+backends:
+  - name: grpc
+    protocol: h2c
+    endpoints: [\"{addr}\", \"{}\"]
+    health_check:
+      grpc: {{service: shop.Cart}}
+      interval: 100ms
+      healthy_threshold: 1
+      unhealthy_threshold: 1
+",
+        other.addr
+    );
+    let p = TestProxy::start(&yaml).await;
+    eventually(
+        Duration::from_secs(5),
+        "NOT_SERVING is unhealthy",
+        || async { !healthy(&p, addr) },
+    )
+    .await;
+    reporter
+        .set_service_status("shop.Cart", ServingStatus::Serving)
+        .await;
+    eventually(Duration::from_secs(5), "SERVING is healthy", || async {
+        healthy(&p, addr)
+    })
+    .await;
+    // The HTTP/1.1-only upstream cannot answer a gRPC check: it never becomes healthy.
+    assert!(!healthy(&p, other.addr));
+}

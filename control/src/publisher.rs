@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use strait_proxy::health_check::HealthChecker;
 use strait_proxy::table::spec::Spec;
 
 use crate::dns::DnsManager;
@@ -18,6 +19,7 @@ pub struct Publisher {
     /// The configuration in force and where it came from, rebuilt when DNS answers change.
     current: Option<(Arc<Spec>, String)>,
     dns: DnsManager,
+    health: HealthChecker,
 }
 
 impl Publisher {
@@ -30,6 +32,7 @@ impl Publisher {
             listeners: None,
             current: None,
             dns: DnsManager::default(),
+            health: HealthChecker::default(),
         }
     }
 
@@ -108,6 +111,10 @@ impl Publisher {
         self.handle.publish(table);
         self.registries.endpoints.prune();
         self.registries.clients.retain_backends(&live);
+        self.registries.backends.prune();
+        if let Some(table) = self.handle.current() {
+            self.health.sync(&table);
+        }
         let names = self.registries.names.prune();
         self.dns.sync(&spec.dns, names);
         self.current = Some((spec, source.to_owned()));

@@ -10,6 +10,7 @@ pub mod endpoint;
 pub mod error;
 pub mod headers;
 pub mod health;
+pub mod health_check;
 pub mod listener;
 pub mod metrics;
 pub mod names;

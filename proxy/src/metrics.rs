@@ -30,8 +30,6 @@ pub const OUTLIER_EJECTIONS: &str = "strait_outlier_ejections_total";
 pub const OUTLIER_EJECTED: &str = "strait_outlier_ejected";
 /// Active health check results, by backend and result (`pass`, `fail`).
 pub const HEALTH_CHECKS: &str = "strait_health_checks_total";
-/// Endpoints passing active health checks, by backend.
-pub const HEALTHY_ENDPOINTS: &str = "strait_healthy_endpoints";
 /// Endpoints per backend in the table in force.
 pub const BACKEND_ENDPOINTS: &str = "strait_backend_endpoints";
 /// Generation number of the table in force.
@@ -90,7 +88,6 @@ pub fn describe() {
         "Endpoints currently ejected by outlier detection."
     );
     describe_counter!(HEALTH_CHECKS, "Active health check results.");
-    describe_gauge!(HEALTHY_ENDPOINTS, "Endpoints passing active health checks.");
     describe_gauge!(
         BACKEND_ENDPOINTS,
         "Endpoints per backend in the table in force."

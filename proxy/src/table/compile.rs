@@ -358,6 +358,7 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         outlier: b.outlier_detection.as_ref().map(OutlierConfig::from),
         guarded: b.outlier_detection.is_some() || b.health_check.is_some(),
         panic_threshold: b.panic_threshold,
+        health_check: b.health_check.clone(),
         dns_answered: answer.is_none_or(|(status, _)| status.phase != Phase::Pending),
         dns,
     })

@@ -20,7 +20,7 @@ use crate::health::{Outcome, OutlierConfig};
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameStatus};
 use crate::router::Router;
-use crate::table::spec::CircuitBreakerSpec;
+use crate::table::spec::{CircuitBreakerSpec, HealthCheckSpec};
 use crate::upstream::Upstream;
 
 pub use compile::{compile, CompileError, Registries};
@@ -305,6 +305,8 @@ pub struct Backend {
     pub guarded: bool,
     /// Below this percentage of available endpoints, health is ignored.
     pub panic_threshold: u32,
+    /// Active health checks, run by [`crate::health_check::HealthChecker`].
+    pub health_check: Option<HealthCheckSpec>,
     /// For `dns` backends: whether the name had had an answer (good or bad) when this table
     /// was built. `/ready` waits for it in the table in force, not in the live status, so a
     /// replica is not reported ready before the table with the endpoints is published.
