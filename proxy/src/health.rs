@@ -33,6 +33,15 @@ pub enum Outcome {
     LocalFailure,
 }
 
+/// What an outcome changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The endpoint was ejected (or, after a failed probe, ejected again).
+    Ejected,
+    /// A probe succeeded: the endpoint is back.
+    Restored,
+}
+
 /// Outlier detection settings, compiled.
 #[derive(Debug, Clone)]
 pub struct OutlierConfig {
@@ -114,15 +123,14 @@ impl Health {
 
     /// Accounts an attempt's outcome: counts consecutive failures, ejects past a threshold,
     /// and lets a probe bring an ejected endpoint back (or send it out for longer).
-    /// `endpoints` is the backend's size, for `max_ejection_percent`. Returns whether this
-    /// call ejected the endpoint.
+    /// `endpoints` is the backend's size, for `max_ejection_percent`.
     pub fn record(
         &self,
         outcome: Outcome,
         cfg: &OutlierConfig,
         endpoints: usize,
         now: u64,
-    ) -> bool {
+    ) -> Option<Change> {
         if outcome == Outcome::Success {
             // Most calls: nothing to reset, so read before writing (no cache-line traffic).
             if self.consecutive_5xx.load(Ordering::Relaxed) != 0 {
@@ -131,10 +139,11 @@ impl Health {
             if self.consecutive_gateway.load(Ordering::Relaxed) != 0 {
                 self.consecutive_gateway.store(0, Ordering::Relaxed);
             }
-            if self.is_ejected() && self.probe_at.load(Ordering::Acquire) != 0 {
-                self.restore(now);
+            if self.is_ejected() && self.probe_at.load(Ordering::Acquire) != 0 && self.restore(now)
+            {
+                return Some(Change::Restored);
             }
-            return false;
+            return None;
         }
         let gateway = matches!(
             outcome,
@@ -153,12 +162,13 @@ impl Health {
                 && now >= self.ejected_until.load(Ordering::Acquire)
             {
                 self.extend(cfg, now);
+                return Some(Change::Ejected);
             }
-            return false;
+            return None;
         }
         let tripped = (cfg.consecutive_5xx > 0 && n5xx >= cfg.consecutive_5xx)
             || (cfg.consecutive_gateway > 0 && ngw >= cfg.consecutive_gateway);
-        tripped && self.eject(cfg, endpoints, now)
+        (tripped && self.eject(cfg, endpoints, now)).then_some(Change::Ejected)
     }
 
     fn eject(&self, cfg: &OutlierConfig, endpoints: usize, now: u64) -> bool {
@@ -202,10 +212,10 @@ impl Health {
         self.consecutive_gateway.store(0, Ordering::Relaxed);
     }
 
-    fn restore(&self, now: u64) {
+    fn restore(&self, now: u64) -> bool {
         let prev = self.flags.fetch_and(!EJECTED, Ordering::AcqRel);
         if prev & EJECTED == 0 {
-            return;
+            return false;
         }
         self.backend.ejected.fetch_sub(1, Ordering::AcqRel);
         if prev == EJECTED {
@@ -213,6 +223,7 @@ impl Health {
         }
         self.probe_at.store(0, Ordering::Release);
         self.returned_at.store(now.max(1), Ordering::Relaxed);
+        true
     }
 
     /// Records the active health checks' verdict. Returns whether it changed.
@@ -310,20 +321,28 @@ mod tests {
         let h = Health::new(Arc::clone(&backend));
         let c = cfg();
         let err = Outcome::ServerError { gateway: false };
-        assert!(!h.record(err, &c, 4, S));
-        assert!(
-            !h.record(Outcome::Success, &c, 4, S),
+        assert_eq!(h.record(err, &c, 4, S), None);
+        assert_eq!(
+            h.record(Outcome::Success, &c, 4, S),
+            None,
             "a success resets the count"
         );
-        assert!(!h.record(err, &c, 4, S));
-        assert!(!h.record(err, &c, 4, S));
-        assert!(h.record(err, &c, 4, S), "third in a row ejects");
+        assert_eq!(h.record(err, &c, 4, S), None);
+        assert_eq!(h.record(err, &c, 4, S), None);
+        assert_eq!(
+            h.record(err, &c, 4, S),
+            Some(Change::Ejected),
+            "third in a row ejects"
+        );
         assert!(!h.available(2 * S));
         assert_eq!((backend.ejected(), backend.unavailable()), (1, 1));
         // 10 s later one probe may go, and only one.
         assert!(h.available(11 * S));
         assert!(!h.available(11 * S));
-        h.record(Outcome::Success, &c, 4, 11 * S);
+        assert_eq!(
+            h.record(Outcome::Success, &c, 4, 11 * S),
+            Some(Change::Restored)
+        );
         assert!(h.available(12 * S));
         assert_eq!((backend.ejected(), backend.unavailable()), (0, 0));
     }
@@ -352,7 +371,7 @@ mod tests {
         let c = cfg();
         let ejected = hs
             .iter()
-            .filter(|h| (0..3).any(|_| h.record(Outcome::LocalFailure, &c, 4, S)))
+            .filter(|h| (0..3).any(|_| h.record(Outcome::LocalFailure, &c, 4, S).is_some()))
             .count();
         assert_eq!(ejected, 2, "50% of 4");
         drop(hs);

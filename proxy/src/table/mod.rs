@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::balancer::{round_robin::Schedule, Balancer, Load};
 use crate::breaker::BackendState;
 use crate::endpoint::{EndpointSnapshot, EndpointState};
-use crate::health::{Outcome, OutlierConfig};
+use crate::health::{Change, Outcome, OutlierConfig};
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameStatus};
 use crate::router::Router;
@@ -362,21 +362,31 @@ impl Backend {
             return;
         };
         let now = crate::endpoint::clock_ns();
-        if ep
+        let Some(change) = ep
             .state
             .health
             .record(outcome, cfg, self.endpoints.len(), now)
-        {
-            let labels = [("backend", self.name.to_string())];
-            metrics::counter!(crate::metrics::OUTLIER_EJECTIONS, &labels).increment(1);
-            metrics::gauge!(crate::metrics::OUTLIER_EJECTED, &labels)
-                .set(f64::from(self.state.ejected()));
-            tracing::warn!(
+        else {
+            return;
+        };
+        let labels = [("backend", self.name.to_string())];
+        metrics::gauge!(crate::metrics::OUTLIER_EJECTED, &labels)
+            .set(f64::from(self.state.ejected()));
+        match change {
+            Change::Ejected => {
+                metrics::counter!(crate::metrics::OUTLIER_EJECTIONS, &labels).increment(1);
+                tracing::warn!(
+                    backend = &*self.name,
+                    endpoint = %ep.addr,
+                    ejected = self.state.ejected(),
+                    "outlier detection ejected an endpoint"
+                );
+            }
+            Change::Restored => tracing::info!(
                 backend = &*self.name,
                 endpoint = %ep.addr,
-                ejected = self.state.ejected(),
-                "outlier detection ejected an endpoint"
-            );
+                "probe succeeded; endpoint back from ejection"
+            ),
         }
     }
 
