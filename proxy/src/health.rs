@@ -116,6 +116,11 @@ impl Health {
             .is_ok()
     }
 
+    /// Whether nothing keeps the endpoint out: the common case, one load and no clock read.
+    pub fn is_clear(&self) -> bool {
+        self.flags.load(Ordering::Acquire) == 0
+    }
+
     /// Whether outlier detection has the endpoint out now.
     pub fn is_ejected(&self) -> bool {
         self.flags.load(Ordering::Acquire) & EJECTED != 0
@@ -129,7 +134,7 @@ impl Health {
         outcome: Outcome,
         cfg: &OutlierConfig,
         endpoints: usize,
-        now: u64,
+        clock: fn() -> u64,
     ) -> Option<Change> {
         if outcome == Outcome::Success {
             // Most calls: nothing to reset, so read before writing (no cache-line traffic).
@@ -139,7 +144,9 @@ impl Health {
             if self.consecutive_gateway.load(Ordering::Relaxed) != 0 {
                 self.consecutive_gateway.store(0, Ordering::Relaxed);
             }
-            if self.is_ejected() && self.probe_at.load(Ordering::Acquire) != 0 && self.restore(now)
+            if self.is_ejected()
+                && self.probe_at.load(Ordering::Acquire) != 0
+                && self.restore(clock())
             {
                 return Some(Change::Restored);
             }
@@ -159,16 +166,16 @@ impl Health {
         if self.is_ejected() {
             // A failed probe: out again, for longer.
             if self.probe_at.load(Ordering::Acquire) != 0
-                && now >= self.ejected_until.load(Ordering::Acquire)
+                && clock() >= self.ejected_until.load(Ordering::Acquire)
             {
-                self.extend(cfg, now);
+                self.extend(cfg, clock());
                 return Some(Change::Ejected);
             }
             return None;
         }
         let tripped = (cfg.consecutive_5xx > 0 && n5xx >= cfg.consecutive_5xx)
             || (cfg.consecutive_gateway > 0 && ngw >= cfg.consecutive_gateway);
-        (tripped && self.eject(cfg, endpoints, now)).then_some(Change::Ejected)
+        (tripped && self.eject(cfg, endpoints, clock())).then_some(Change::Ejected)
     }
 
     fn eject(&self, cfg: &OutlierConfig, endpoints: usize, now: u64) -> bool {
@@ -321,16 +328,16 @@ mod tests {
         let h = Health::new(Arc::clone(&backend));
         let c = cfg();
         let err = Outcome::ServerError { gateway: false };
-        assert_eq!(h.record(err, &c, 4, S), None);
+        assert_eq!(h.record(err, &c, 4, || S), None);
         assert_eq!(
-            h.record(Outcome::Success, &c, 4, S),
+            h.record(Outcome::Success, &c, 4, || S),
             None,
             "a success resets the count"
         );
-        assert_eq!(h.record(err, &c, 4, S), None);
-        assert_eq!(h.record(err, &c, 4, S), None);
+        assert_eq!(h.record(err, &c, 4, || S), None);
+        assert_eq!(h.record(err, &c, 4, || S), None);
         assert_eq!(
-            h.record(err, &c, 4, S),
+            h.record(err, &c, 4, || S),
             Some(Change::Ejected),
             "third in a row ejects"
         );
@@ -340,7 +347,7 @@ mod tests {
         assert!(h.available(11 * S));
         assert!(!h.available(11 * S));
         assert_eq!(
-            h.record(Outcome::Success, &c, 4, 11 * S),
+            h.record(Outcome::Success, &c, 4, || 11 * S),
             Some(Change::Restored)
         );
         assert!(h.available(12 * S));
@@ -353,13 +360,13 @@ mod tests {
         let h = Health::new(backend);
         let c = cfg();
         for _ in 0..3 {
-            h.record(Outcome::LocalFailure, &c, 4, 0);
+            h.record(Outcome::LocalFailure, &c, 4, || 0);
         }
         assert!(h.available(10 * S), "probe after 10 s");
-        h.record(Outcome::LocalFailure, &c, 4, 10 * S);
+        h.record(Outcome::LocalFailure, &c, 4, || 10 * S);
         assert!(!h.available(29 * S), "second ejection: 20 s");
         assert!(h.available(30 * S));
-        h.record(Outcome::LocalFailure, &c, 4, 30 * S);
+        h.record(Outcome::LocalFailure, &c, 4, || 30 * S);
         assert!(!h.available(54 * S), "third: 30 s, capped at 25 s");
         assert!(h.available(55 * S));
     }
@@ -371,7 +378,7 @@ mod tests {
         let c = cfg();
         let ejected = hs
             .iter()
-            .filter(|h| (0..3).any(|_| h.record(Outcome::LocalFailure, &c, 4, S).is_some()))
+            .filter(|h| (0..3).any(|_| h.record(Outcome::LocalFailure, &c, 4, || S).is_some()))
             .count();
         assert_eq!(ejected, 2, "50% of 4");
         drop(hs);
@@ -385,7 +392,7 @@ mod tests {
         assert!(h.set_healthy(false));
         assert!(!h.set_healthy(false));
         for _ in 0..3 {
-            h.record(Outcome::LocalFailure, &cfg(), 4, S);
+            h.record(Outcome::LocalFailure, &cfg(), 4, || S);
         }
         assert_eq!(backend.unavailable(), 1);
         assert!(h.set_healthy(true));

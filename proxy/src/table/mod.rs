@@ -322,7 +322,7 @@ impl Backend {
     /// `None` only for an empty backend.
     pub fn pick(&self, hash: Option<u64>) -> Option<usize> {
         let first = self.balancer.pick(&self.endpoints, hash)?;
-        if !self.guarded {
+        if !self.guarded || self.endpoints[first].state.health.is_clear() {
             return Some(first);
         }
         Some(self.pick_available(first, hash))
@@ -361,12 +361,12 @@ impl Backend {
         let Some(cfg) = &self.outlier else {
             return;
         };
-        let now = crate::endpoint::clock_ns();
-        let Some(change) = ep
-            .state
-            .health
-            .record(outcome, cfg, self.endpoints.len(), now)
-        else {
+        let Some(change) = ep.state.health.record(
+            outcome,
+            cfg,
+            self.endpoints.len(),
+            crate::endpoint::clock_ns,
+        ) else {
             return;
         };
         let labels = [("backend", self.name.to_string())];
