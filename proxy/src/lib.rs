@@ -11,6 +11,7 @@ pub mod headers;
 pub mod listener;
 pub mod metrics;
 pub mod names;
+pub mod rate_limit;
 pub mod router;
 pub mod service;
 pub mod table;
