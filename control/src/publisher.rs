@@ -107,6 +107,7 @@ impl Publisher {
             .collect();
         self.handle.publish(table);
         self.registries.endpoints.prune();
+        self.registries.rate_limits.prune();
         self.registries.clients.retain_backends(&live);
         let names = self.registries.names.prune();
         self.dns.sync(&spec.dns, names);

@@ -17,6 +17,7 @@ use crate::balancer::{round_robin::Schedule, Balancer, Load};
 use crate::endpoint::{EndpointSnapshot, EndpointState};
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameStatus};
+use crate::rate_limit::RouteRateLimit;
 use crate::router::Router;
 use crate::upstream::Upstream;
 
@@ -140,6 +141,8 @@ pub struct Route {
     pub rewrite: Option<(String, String)>,
     /// Metrics for routes that answer themselves.
     pub local_metrics: Arc<TargetMetrics>,
+    /// The route's rate limit, checked before its action.
+    pub rate_limit: Option<RouteRateLimit>,
 }
 
 /// What a route does.
