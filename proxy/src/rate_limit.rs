@@ -688,6 +688,13 @@ mod tests {
     }
 
     #[test]
+    fn a_tracked_key_is_small() {
+        // docs/config.md promises 40 to 80 bytes a key: this entry, a control byte, and the
+        // hash table's spare room.
+        assert!(std::mem::size_of::<(Key, InMemoryState)>() <= 32);
+    }
+
+    #[test]
     fn header_values_have_their_own_buckets_and_absence_shares_one() {
         let s = settings(
             1,
