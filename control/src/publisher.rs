@@ -110,6 +110,7 @@ impl Publisher {
             .collect();
         self.handle.publish(table);
         self.registries.endpoints.prune();
+        self.registries.rate_limits.prune();
         self.registries.clients.retain_backends(&live);
         self.registries.backends.prune();
         if let Some(table) = self.handle.current() {

@@ -65,6 +65,14 @@ pub enum ProxyError {
     /// A circuit breaker threshold of the backend was reached.
     #[error("circuit breaker {} of the backend is open", .0.name())]
     CircuitOpen(Breaker),
+    /// The route's rate limit refused the request.
+    #[error("too many requests for route {route:?}: retry after {retry_after}s")]
+    RateLimited {
+        /// Route name.
+        route: std::sync::Arc<str>,
+        /// Seconds until the request's bucket has a token again.
+        retry_after: u64,
+    },
     /// A bug: the request handler panicked.
     #[error("internal error")]
     Internal,
@@ -79,6 +87,7 @@ impl ProxyError {
             Self::NoEndpoints(_) | Self::CircuitOpen(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout { .. } | Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -94,6 +103,7 @@ impl ProxyError {
             Self::ConnectTimeout { .. } => "connect-timeout",
             Self::Timeout { .. } => "upstream-timeout",
             Self::Upstream { .. } => "upstream-failed",
+            Self::RateLimited { .. } => "rate-limited",
             Self::Internal => "internal",
         })
     }

@@ -38,6 +38,11 @@ pub const TABLE_GENERATION: &str = "strait_table_generation";
 pub const CONFIG_RELOADS: &str = "strait_config_reloads_total";
 /// Requests whose handler panicked (answered 500; the process keeps running).
 pub const HANDLER_PANICS: &str = "strait_handler_panics_total";
+/// Requests refused by a route's rate limit (answered 429), by listener and route.
+pub const RATE_LIMITED: &str = "strait_rate_limited_total";
+/// Keys tracked by a keyed rate limit (the overflow bucket not included), by listener and
+/// route; refreshed every second.
+pub const RATE_LIMIT_KEYS: &str = "strait_rate_limit_keys";
 
 /// Histogram buckets for request durations, in seconds.
 pub const DURATION_BUCKETS: &[f64] = &[
@@ -98,6 +103,14 @@ pub fn describe() {
     );
     describe_counter!(CONFIG_RELOADS, "Configuration loads by result.");
     describe_counter!(HANDLER_PANICS, "Requests whose handler panicked.");
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a route's rate limit (answered 429)."
+    );
+    describe_gauge!(
+        RATE_LIMIT_KEYS,
+        "Keys tracked by a keyed rate limit, at most its max_keys."
+    );
 }
 
 /// Handles for one (listener, route, backend) triple, created when the table is compiled.

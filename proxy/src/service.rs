@@ -155,14 +155,39 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         }
     };
 
+    let mut limit_headers = None;
+    if let Some(rl) = &route.rate_limit {
+        match rl.check(cx.client.ip(), req.headers()) {
+            Ok(h) => limit_headers = h,
+            Err(limited) => {
+                let err = ProxyError::RateLimited {
+                    route: Arc::clone(&route.name),
+                    retry_after: limited.retry_after,
+                };
+                let mut resp = finish_error(err, req.version(), done);
+                limited.apply(resp.headers_mut());
+                return resp;
+            }
+        }
+    }
+
     let mut resp = match &route.action {
         Action::Direct(d) => direct(d, req.version()),
         Action::Redirect(r) => redirect(r, &req),
         // Boxed: the forwarding future is large, and hyper moves the handler's future
         // before polling it; a box keeps that move to a pointer.
-        Action::Forward(f) => return Box::pin(forward(cx, &route, f, req, done)).await,
+        Action::Forward(f) => {
+            let mut resp = Box::pin(forward(cx, &route, f, req, done)).await;
+            if let Some(h) = &limit_headers {
+                h.apply(resp.headers_mut());
+            }
+            return resp;
+        }
     };
     finish_response(&route, &mut resp, &done);
+    if let Some(h) = &limit_headers {
+        h.apply(resp.headers_mut());
+    }
     done.status = resp.status();
     resp.map(|b| ObservedBody::new(b, done))
 }

@@ -260,4 +260,43 @@ backends:
         assert!(d[1].message.contains("must start with '/'"));
         assert!(d[2].message.contains("expected ip:port"));
     }
+
+    #[test]
+    fn checks_rate_limits() {
+        let text = "\
+listeners:
+  - name: web
+    address: 127.0.0.1:1
+    routes:
+      - direct_response: {status: 200}
+        rate_limit:
+          requests: 0
+          per: 0s
+          burst: 0
+          key: {header: \"bad name\"}
+          max_keys: 0
+    default_route:
+      direct_response: {status: 404}
+      rate_limit: {requests: 5, per: 1s, max_keys: 10}
+";
+        let d = errors(text);
+        let got: Vec<(usize, &str)> = d.iter().map(|d| (d.line, d.message.as_str())).collect();
+        let want = [
+            (7, "must be at least 1"),
+            (8, "must be greater than 0s"),
+            (9, "must be at least 1"),
+            (10, "invalid header name \"bad name\""),
+            (11, "must be at least 1"),
+            (14, "max_keys applies to keyed limits only"),
+        ];
+        assert_eq!(got.len(), want.len(), "{d:#?}");
+        for ((line, msg), (wline, wmsg)) in got.iter().zip(want) {
+            assert!(msg.contains(wmsg) && *line == wline, "{d:#?}");
+        }
+        let d = errors("listeners:\n  - name: web\n    address: 127.0.0.1:1\n    routes:\n      - direct_response: {status: 200}\n        rate_limit: {requests: 1, per: 1s, key: ip}\n");
+        assert!(
+            d[0].message.contains("none, client_ip or {header: NAME}"),
+            "{d:?}"
+        );
+    }
 }

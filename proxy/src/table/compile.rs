@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -16,8 +17,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 
 use super::spec::{
     BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
-    HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RedirectSpec, RetrySpec,
-    RouteSpec, Spec, UpstreamProtocol,
+    HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RateLimitKeySpec,
+    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, Spec, UpstreamProtocol,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
@@ -29,6 +30,7 @@ use crate::endpoint::{EndpointRegistry, EndpointState};
 use crate::health::OutlierConfig;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
+use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
 use crate::upstream::{ClientRegistry, Upstream};
 
@@ -58,6 +60,8 @@ pub struct Registries {
     pub names: NameRegistry,
     /// Circuit breaker and ejection counters by backend.
     pub backends: BackendRegistry,
+    /// Rate-limit buckets by listener and route.
+    pub rate_limits: RateLimitRegistry,
 }
 
 struct Ctx<'a> {
@@ -818,6 +822,10 @@ fn compile_route(
         }
         compile_retry(cx, &format!("{path}.retry"), spec)
     });
+    let rate_limit = r
+        .rate_limit
+        .as_ref()
+        .and_then(|rl| compile_rate_limit(cx, &format!("{path}.rate_limit"), listener, &name, rl));
     if cx.errors.len() > before {
         return None;
     }
@@ -845,6 +853,7 @@ fn compile_route(
         request_headers,
         response_headers,
         rewrite,
+        rate_limit,
     })
 }
 
@@ -893,6 +902,96 @@ fn compile_retry(cx: &mut Ctx<'_>, path: &str, r: &RetrySpec) -> Option<RetryPol
         backoff_max: r.backoff_max,
         buffer_bytes: r.buffer_bytes,
     })
+}
+
+fn compile_rate_limit(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    listener: &str,
+    route: &str,
+    r: &RateLimitSpec,
+) -> Option<RouteRateLimit> {
+    let before = cx.errors.len();
+    let requests = NonZeroU32::new(r.requests);
+    if requests.is_none() {
+        cx.err(format!("{path}.requests"), "must be at least 1");
+    }
+    if r.per.is_zero() {
+        cx.err(format!("{path}.per"), "must be greater than 0s");
+    } else if r.per.as_nanos() < u128::from(r.requests) {
+        cx.err(
+            format!("{path}.requests"),
+            format!(
+                "{} requests per {} is more than one per nanosecond",
+                r.requests,
+                humantime::format_duration(r.per)
+            ),
+        );
+    }
+    let burst = match r.burst {
+        None => requests,
+        Some(b) => {
+            if b == 0 {
+                cx.err(format!("{path}.burst"), "must be at least 1");
+            }
+            NonZeroU32::new(b)
+        }
+    };
+    let key = match &r.key {
+        RateLimitKeySpec::Source(RateLimitSource::Route) => KeySource::Global,
+        RateLimitKeySpec::Source(RateLimitSource::ClientIp) => KeySource::ClientIp,
+        RateLimitKeySpec::Header { header } => match HeaderName::try_from(header.as_str()) {
+            Ok(h) => KeySource::Header(h),
+            Err(_) => {
+                cx.err(
+                    format!("{path}.key.header"),
+                    format!("invalid header name {header:?}"),
+                );
+                KeySource::Global
+            }
+        },
+    };
+    let max_keys = match (r.max_keys, &r.key) {
+        (Some(_), RateLimitKeySpec::Source(RateLimitSource::Route)) => {
+            cx.err(
+                format!("{path}.max_keys"),
+                "max_keys applies to keyed limits only (key: client_ip or {header: NAME})",
+            );
+            0
+        }
+        (Some(0), _) => {
+            cx.err(format!("{path}.max_keys"), "must be at least 1");
+            0
+        }
+        (Some(n), _) => n,
+        (None, RateLimitKeySpec::Source(RateLimitSource::Route)) => 0,
+        (None, _) => rate_limit::DEFAULT_MAX_KEYS,
+    };
+    if cx.errors.len() > before {
+        return None;
+    }
+    let settings = rate_limit::Settings {
+        requests: requests?,
+        per: r.per,
+        burst: burst?,
+        key,
+        max_keys,
+    };
+    let (limiter, limited) = match cx.registries {
+        Some(reg) => (
+            reg.rate_limits.get(listener, route, &settings),
+            metrics::counter!(
+                crate::metrics::RATE_LIMITED,
+                "listener" => listener.to_owned(),
+                "route" => route.to_owned()
+            ),
+        ),
+        None => (
+            Arc::new(Limiter::detached(settings)),
+            metrics::Counter::noop(),
+        ),
+    };
+    Some(RouteRateLimit::new(limiter, limited, r.response_headers))
 }
 
 fn compile_forward(

@@ -19,6 +19,7 @@ use crate::endpoint::{EndpointSnapshot, EndpointState};
 use crate::health::{Change, Outcome, OutlierConfig};
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameStatus};
+use crate::rate_limit::RouteRateLimit;
 use crate::router::Router;
 use crate::table::spec::{CircuitBreakerSpec, HealthCheckSpec};
 use crate::upstream::Upstream;
@@ -177,6 +178,8 @@ pub struct Route {
     pub rewrite: Option<(String, String)>,
     /// Metrics for routes that answer themselves.
     pub local_metrics: Arc<TargetMetrics>,
+    /// The route's rate limit, checked before its action.
+    pub rate_limit: Option<RouteRateLimit>,
 }
 
 /// What a route does.

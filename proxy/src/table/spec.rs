@@ -243,6 +243,68 @@ pub struct RouteSpec {
     /// Replace the matched path prefix with this one before forwarding.
     #[serde(default)]
     pub rewrite_prefix: Option<String>,
+    /// Local token-bucket limit on this route's requests; over it they get 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// A route's rate limit: a token bucket of `burst` tokens, refilled with `requests` tokens
+/// per `per`, for the whole route or per key.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Tokens added per `per`.
+    pub requests: u32,
+    /// The period of `requests`.
+    #[serde(with = "duration")]
+    pub per: Duration,
+    /// Bucket size: requests allowed at once after a quiet period. Default: `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// What gets its own bucket: `none` (the route), `client_ip` or `{header: NAME}`.
+    #[serde(default)]
+    pub key: RateLimitKeySpec,
+    /// Also send `RateLimit-Policy` and `RateLimit` on allowed responses (429s always have
+    /// them).
+    #[serde(default)]
+    pub response_headers: bool,
+    /// Most keys tracked at once (keyed limits only); default 100000.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<usize>,
+}
+
+/// What a rate limit keys its buckets by: `none`, `client_ip` or `{header: NAME}`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "none, client_ip or {header: NAME}"
+)]
+pub enum RateLimitKeySpec {
+    /// A named source without argument.
+    Source(RateLimitSource),
+    /// The value of this request header.
+    Header {
+        /// Header name.
+        header: String,
+    },
+}
+
+impl Default for RateLimitKeySpec {
+    fn default() -> Self {
+        Self::Source(RateLimitSource::Route)
+    }
+}
+
+/// Rate-limit keys that take no argument.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitSource {
+    /// One bucket for the whole route (written `none`).
+    #[serde(rename = "none")]
+    Route,
+    /// One bucket per client IP.
+    ClientIp,
 }
 
 /// Request matching. All given conditions must hold.
