@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use support::*;
+use tonic_health::ServingStatus;
 
 /// A config forwarding everything to backend `b` over `ups`, with `backend` and `route`
 /// extra YAML lines (already indented for their place).
@@ -301,34 +302,13 @@ async fn the_retry_budget_caps_retries_when_everything_fails() {
 
 #[tokio::test]
 async fn grpc_status_is_retried() {
-    use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
 
     // Two gRPC servers; only the second knows the service, so the first answers NOT_FOUND
     // (tonic sends it in trailers after empty headers, which Strait reads before deciding).
-    async fn health_server(known: bool) -> std::net::SocketAddr {
-        let (reporter, service) = tonic_health::server::health_reporter();
-        if known {
-            reporter
-                .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
-                .await;
-        }
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            // Keeps the reporter (and the service's status) alive while serving.
-            let _reporter = reporter;
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .unwrap();
-        });
-        addr
-    }
-    let unknown = health_server(false).await;
-    let known = health_server(true).await;
+    let (unknown, _r1) = grpc_health_server(None).await;
+    let (known, _r2) = grpc_health_server(Some(ServingStatus::Serving)).await;
     let yaml = format!(
         "access_log: {{enabled: false}}
 listeners:
@@ -360,8 +340,30 @@ backends:
             })
             .await
             .expect("NOT_FOUND from the first server is retried on the second");
-        assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+        assert_eq!(
+            r.into_inner().status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
     }
+}
+
+/// A tonic gRPC server with the standard health service on 127.0.0.1; `shop.Cart` has
+/// `status` (`None`: unknown to it, so `Check` answers NOT_FOUND). The reporter changes it.
+async fn grpc_health_server(
+    status: Option<ServingStatus>,
+) -> (std::net::SocketAddr, tonic_health::server::HealthReporter) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    if let Some(s) = status {
+        reporter.set_service_status("shop.Cart", s).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, reporter)
 }
 
 /// Whether endpoint `addr` of the first backend passes its active health checks.
@@ -447,18 +449,7 @@ async fn tcp_health_checks_keep_traffic_off_a_dead_endpoint() {
 
 #[tokio::test]
 async fn grpc_health_checks_follow_the_serving_status() {
-    use tonic_health::ServingStatus;
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("shop.Cart", ServingStatus::NotServing)
-        .await;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
+    let (addr, reporter) = grpc_health_server(Some(ServingStatus::NotServing)).await;
     let other = Upstream::start("other").await;
     let yaml = format!(
         "access_log: {{enabled: false}}

@@ -346,6 +346,11 @@ pub async fn send_full(
         .await
         .expect("response within 10s")
         .expect("request succeeds");
+    reply(resp).await
+}
+
+/// Reads a whole response.
+async fn reply(resp: Response<Incoming>) -> Reply {
     let (parts, body) = resp.into_parts();
     let body = body.collect().await.expect("body").to_bytes();
     Reply {
@@ -360,13 +365,7 @@ pub async fn send(client: &HttpClient, req: Request<Empty<Bytes>>) -> Reply {
         .await
         .expect("response within 10s")
         .expect("request succeeds");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Reply {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    reply(resp).await
 }
 
 pub async fn get(client: &HttpClient, url: &str) -> Reply {

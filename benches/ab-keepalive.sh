@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Keep-alive throughput of two Strait configurations side by side, in the same run:
+#
+#   bash benches/ab-keepalive.sh NAME_A CONFIG_A NAME_B CONFIG_B
+#
+# Used by benches/dns-vs-static.sh and benches/resilience-overhead.sh, which write the two
+# configurations. CONFIG_A must listen on 127.0.0.1:18401 with admin 127.0.0.1:19911, CONFIG_B
+# on 127.0.0.1:18402 with admin 127.0.0.1:19912, and both forward to the nginx backend this
+# script starts on 127.0.0.1:18091 (64-byte body, one worker, CPU 0). Each Strait runs with one
+# worker on CPU 1; wrk (1 thread, CONNS connections) on CPU 0 alternates between them, the order
+# swapped every round, for REPS rounds of DUR seconds. Prints every round, the medians and
+# their ratio B / A. Knobs: REPS (5), DUR (10), CONNS (50).
+# Needs the release build, nginx and wrk (apt-get install -y nginx-light wrk).
+set -euo pipefail
+
+[ $# -eq 4 ] || { echo "usage: $0 NAME_A CONFIG_A NAME_B CONFIG_B" >&2; exit 2; }
+names=("$1" "$3")
+configs=("$2" "$4")
+ports=(18401 18402)
+admins=(19911 19912)
+REPS=${REPS:-5}
+DUR=${DUR:-10}
+CONNS=${CONNS:-50}
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+bin=$root/target/release/strait
+work=$(mktemp -d "${TMPDIR:-/tmp}/strait-ab.XXXXXX")
+pids=()
+
+die() { printf 'ab-keepalive: %s\n' "$*" >&2; exit 2; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+[ -x "$bin" ] || die "build first: cargo build --release --locked"
+command -v nginx >/dev/null || die "nginx not found (apt-get install -y nginx-light)"
+command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
+
+cat >"$work/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/nginx.pid;
+error_log $work/nginx-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work;
+  proxy_temp_path $work;
+  fastcgi_temp_path $work;
+  uwsgi_temp_path $work;
+  scgi_temp_path $work;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:18091;
+    location / { return 200 "$(printf 'x%.0s' $(seq 64))"; }
+  }
+}
+NGINX
+taskset -c 0 nginx -c "$work/nginx.conf" &
+pids+=($!)
+for i in 0 1; do
+  taskset -c 1 "$bin" --config "${configs[i]}" --worker-threads 1 --log-level warn &
+  pids+=($!)
+done
+
+wait_ok() {  # $1 url
+  for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return 0
+    sleep 0.1
+  done
+  die "$1 does not answer 200"
+}
+wait_ok http://127.0.0.1:18091/
+for i in 0 1; do
+  wait_ok "http://127.0.0.1:${admins[i]}/ready"
+  wait_ok "http://127.0.0.1:${ports[i]}/"
+done
+
+declare -A results
+for r in $(seq "$REPS"); do
+  order=(0 1)
+  [ $((r % 2)) -eq 0 ] && order=(1 0)
+  for i in "${order[@]}"; do
+    out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" "http://127.0.0.1:${ports[i]}/")
+    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
+    results[$i]+="$rps "
+    printf 'round %d %-10s %s req/s%s\n' "$r" "${names[i]}" "$rps" "${non2xx:+ (non-2xx: $non2xx)}"
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+a=$(printf '%s' "${results[0]}" | median)
+b=$(printf '%s' "${results[1]}" | median)
+echo
+echo "| config | req/s, median of $REPS x ${DUR}s | all rounds, in order |"
+echo "|---|---|---|"
+echo "| ${names[0]} | $a | ${results[0]}|"
+echo "| ${names[1]} | $b | ${results[1]}|"
+awk -v a="$a" -v b="$b" -v na="${names[0]}" -v nb="${names[1]}" \
+  'BEGIN {printf "\n%s / %s = %.3f\n", nb, na, b / a}'
+for i in 0 1; do
+  echo "--- /metrics of ${names[i]} (selected)"
+  curl -s "http://127.0.0.1:${admins[i]}/metrics" |
+    grep -E '^strait_(dns_lookups_total|health_checks_total|retries_total|rate_limited_total|circuit_breaker_open_total|outlier_ejections_total)' || true
+done
