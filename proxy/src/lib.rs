@@ -19,4 +19,5 @@ pub mod router;
 pub mod service;
 pub mod table;
 pub mod tcp;
+pub mod tls;
 pub mod upstream;
