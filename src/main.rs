@@ -201,8 +201,12 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
     }
     strait_control::reload::count(true);
     // Watch for changes before serving, so none is missed.
-    let reloader =
-        strait_control::reload::Reloader::new(loaded.path.clone(), publisher, &loaded.text);
+    let reloader = strait_control::reload::Reloader::new(
+        loaded.path.clone(),
+        publisher,
+        &loaded.text,
+        loaded.spec.referenced_files(),
+    );
     let spec = loaded.spec;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -234,7 +238,9 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
             limits: spec.limits.clone(),
         };
         match l.protocol {
-            ListenerProtocol::Http => servers.spawn(serve(sock, cx, stopped())),
+            ListenerProtocol::Http | ListenerProtocol::Https => {
+                servers.spawn(serve(sock, cx, stopped()))
+            }
             ListenerProtocol::Tcp => servers.spawn(serve_tcp(sock, cx, stopped())),
         };
     }

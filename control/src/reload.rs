@@ -1,9 +1,10 @@
 //! The control loop: reloads the static file on SIGHUP and when it changes on disk, and
 //! rebuilds the table when a DNS backend's answer changes. It owns the one publisher.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::hash::{Hash, Hasher};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -22,8 +23,8 @@ pub fn count(success: bool) {
 }
 
 /// Loads `path` and publishes it. Failures are logged with file:line:column and counted;
-/// the table in force stays.
-pub fn reload(path: &std::path::Path, publisher: &mut Publisher) -> bool {
+/// the table in force stays. Returns the files the configuration references, when it parsed.
+pub fn reload(path: &Path, publisher: &mut Publisher) -> Option<Vec<PathBuf>> {
     let loaded = match file::load(path) {
         Ok(l) => l,
         Err(e) => {
@@ -31,23 +32,23 @@ pub fn reload(path: &std::path::Path, publisher: &mut Publisher) -> bool {
                 tracing::error!("config rejected, keeping the running table: {line}");
             }
             count(false);
-            return false;
+            return None;
         }
     };
+    let files = loaded.spec.referenced_files();
     match publisher.publish(loaded.spec.clone(), &path.display().to_string()) {
         Ok(generation) => {
             tracing::info!(generation, file = %path.display(), "config reloaded");
             count(true);
-            true
         }
         Err(errors) => {
             for line in loaded.diagnose(&errors).to_string().lines() {
                 tracing::error!("config rejected, keeping the running table: {line}");
             }
             count(false);
-            false
         }
     }
+    Some(files)
 }
 
 /// Reload triggers, set up before serving so no change and no SIGHUP is missed (an
@@ -56,31 +57,36 @@ pub struct Reloader {
     path: PathBuf,
     publisher: Publisher,
     last: Option<u64>,
+    /// Certificates and other files the configuration reads; their changes reload it too.
+    files: Vec<PathBuf>,
+    /// Directories watched (the config's, and those of `files`).
+    watched: HashSet<PathBuf>,
     changes: mpsc::Receiver<()>,
-    _watcher: Option<notify::RecommendedWatcher>,
+    watcher: Option<notify::RecommendedWatcher>,
     hup: Option<tokio::signal::unix::Signal>,
 }
 
 impl Reloader {
     /// Watches `path` (its directory, so atomic renames and ConfigMap symlink swaps are
     /// seen) and SIGHUP. `loaded_text` is what is in force now. Must run inside the runtime.
-    pub fn new(path: PathBuf, publisher: Publisher, loaded_text: &str) -> Self {
+    /// `files` are the files the loaded configuration references.
+    pub fn new(
+        path: PathBuf,
+        publisher: Publisher,
+        loaded_text: &str,
+        files: Vec<PathBuf>,
+    ) -> Self {
         let (tx, changes) = mpsc::channel::<()>(1);
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .map_or_else(|| PathBuf::from("."), PathBuf::from);
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if ev.is_ok_and(|e| !e.kind.is_access()) {
                 // A full channel already means "reload pending".
                 let _ = tx.try_send(());
             }
-        })
-        .and_then(|mut w| w.watch(&dir, RecursiveMode::NonRecursive).map(|()| w));
+        });
         let watcher = match watcher {
             Ok(w) => Some(w),
             Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the config directory; reload with SIGHUP");
+                tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
                 None
             }
         };
@@ -91,14 +97,60 @@ impl Reloader {
                 None
             }
         };
-        Self {
+        let last = Some(content_digest(loaded_text.as_bytes(), &files));
+        let mut reloader = Self {
             path,
             publisher,
-            last: Some(hash(loaded_text.as_bytes())),
+            last,
+            files,
+            watched: HashSet::new(),
             changes,
-            _watcher: watcher,
+            watcher,
             hup,
+        };
+        reloader.watch_dirs();
+        reloader
+    }
+
+    /// Watches the directory of the config file and of every referenced file (directories,
+    /// so atomic renames and Kubernetes' symlink swaps are seen).
+    fn watch_dirs(&mut self) {
+        let Some(watcher) = self.watcher.as_mut() else {
+            return;
+        };
+        let dirs: HashSet<PathBuf> = std::iter::once(&self.path)
+            .chain(&self.files)
+            .map(|p| {
+                p.parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .map_or_else(|| PathBuf::from("."), PathBuf::from)
+            })
+            .collect();
+        for dir in dirs.difference(&self.watched) {
+            if let Err(e) = watcher.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch a directory; reload with SIGHUP");
+            }
         }
+        for dir in self.watched.difference(&dirs) {
+            let _ = watcher.unwatch(dir);
+        }
+        self.watched = dirs;
+    }
+
+    fn reload(&mut self) {
+        if let Some(files) = reload(&self.path, &mut self.publisher) {
+            self.files = files;
+            self.watch_dirs();
+        }
+        self.last = self.digest();
+    }
+
+    /// The config file's content and every referenced file's, so a rotated certificate
+    /// reloads even though the config text did not change.
+    fn digest(&self) -> Option<u64> {
+        std::fs::read(&self.path)
+            .ok()
+            .map(|text| content_digest(&text, &self.files))
     }
 
     /// Reloads on every trigger until `shutdown` resolves. Owns the publisher: one writer.
@@ -121,8 +173,7 @@ impl Reloader {
                 }
                 Some(()) = hup => {
                     tracing::info!("SIGHUP: reloading configuration");
-                    self.last = digest(&self.path);
-                    reload(&self.path, &mut self.publisher);
+                    self.reload();
                 }
                 () = self.publisher.dns_changed() => {
                     match self.publisher.rebuild() {
@@ -140,20 +191,18 @@ impl Reloader {
 
     /// Other files in the directory change too; reload only when ours did.
     fn reload_if_changed(&mut self) {
-        let now = digest(&self.path);
-        if now != self.last {
-            self.last = now;
-            reload(&self.path, &mut self.publisher);
+        if self.digest() != self.last {
+            self.reload();
         }
     }
 }
 
-fn hash(bytes: &[u8]) -> u64 {
+fn content_digest(config: &[u8], files: &[PathBuf]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    bytes.hash(&mut h);
+    config.hash(&mut h);
+    for f in files {
+        // A missing file hashes differently from an empty one.
+        std::fs::read(f).ok().hash(&mut h);
+    }
     h.finish()
-}
-
-fn digest(path: &std::path::Path) -> Option<u64> {
-    std::fs::read(path).ok().map(|b| hash(&b))
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod health_check;
+pub mod https;
 pub mod listener;
 pub mod metrics;
 pub mod names;

@@ -109,25 +109,60 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
             () = &mut shutdown => break,
         };
         accepted.increment(1);
-        let conn_cx = Arc::new(ConnContext {
+        let conn_cx = ConnContext {
             table: cx.table.clone(),
             listener: index,
             listener_name: Arc::clone(&cx.name),
             client,
             client_ip: crate::headers::ip_header_value(client.ip()),
-        });
-        let service = service_fn(move |req| handle(Arc::clone(&conn_cx), req));
-        let io = TokioIo::new(IdleTimeout::new(stream, limits.idle_timeout));
-        let conn = builder
-            .serve_connection_with_upgrades(io, service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+            scheme: "http",
+            identity: None,
+            hsts: None,
+        };
+        // The drain waits for this watcher: a connection still in its TLS handshake counts.
+        let watcher = graceful.watcher();
+        let builder = Arc::clone(&builder);
         let active = active.clone();
-        let name = Arc::clone(&cx.name);
+        let idle = limits.idle_timeout;
+        let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             active.increment(1.0);
-            if let Err(e) = conn.await {
-                tracing::debug!(listener = &*name, %client, error = %e, "connection ended with an error");
+            let io = IdleTimeout::new(stream, idle);
+            // The TLS settings of the table in force when the connection arrived.
+            let tls = {
+                let guard = conn_cx.table.load();
+                guard
+                    .as_ref()
+                    .and_then(|t| t.listeners.get(index)?.tls.clone())
+            };
+            match tls {
+                None => serve_one(&builder, watcher, io, conn_cx).await,
+                Some(tls) => {
+                    let name = Arc::clone(&conn_cx.listener_name);
+                    let result = tokio::time::timeout(handshake_timeout, tls.accept(io)).await;
+                    let outcome = match result {
+                        Ok(Ok(accepted)) => {
+                            let cx = ConnContext {
+                                scheme: "https",
+                                identity: accepted.identity,
+                                hsts: tls.hsts.clone(),
+                                ..conn_cx
+                            };
+                            serve_one(&builder, watcher, accepted.stream, cx).await;
+                            "ok"
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(listener = &*name, %client, error = %e, "TLS handshake failed");
+                            "failed"
+                        }
+                        Err(_) => {
+                            tracing::debug!(listener = &*name, %client, "TLS handshake timed out");
+                            "timeout"
+                        }
+                    };
+                    metrics::counter!(crate::metrics::TLS_HANDSHAKES, "listener" => name.to_string(), "result" => outcome)
+                        .increment(1);
+                }
             }
             active.decrement(1.0);
             drop(permit);
@@ -140,6 +175,26 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         "draining connections"
     );
     graceful.shutdown().await;
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one connection (plain or decrypted) until it ends.
+async fn serve_one<I>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    cx: ConnContext,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (name, client) = (Arc::clone(&cx.listener_name), cx.client);
+    let cx = Arc::new(cx);
+    let service = service_fn(move |req| handle(Arc::clone(&cx), req));
+    let conn = builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service)
+        .into_owned();
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(listener = &*name, %client, error = %e, "connection ended with an error");
+    }
 }
 
 /// Binds a listener address, with an error that names it.
@@ -167,15 +222,15 @@ pub struct BindError {
 
 /// Closes a connection on which no byte moved for `idle`. The timer is checked only when a
 /// read would block, and re-armed lazily, so busy connections pay one clock read per I/O.
-pub(crate) struct IdleTimeout {
-    io: TcpStream,
+pub(crate) struct IdleTimeout<T = TcpStream> {
+    io: T,
     idle: Duration,
     last: Instant,
     timer: Pin<Box<Sleep>>,
 }
 
-impl IdleTimeout {
-    pub(crate) fn new(io: TcpStream, idle: Duration) -> Self {
+impl<T> IdleTimeout<T> {
+    pub(crate) fn new(io: T, idle: Duration) -> Self {
         Self {
             io,
             idle,
@@ -199,7 +254,7 @@ impl IdleTimeout {
     }
 }
 
-impl AsyncRead for IdleTimeout {
+impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -216,7 +271,7 @@ impl AsyncRead for IdleTimeout {
     }
 }
 
-impl AsyncWrite for IdleTimeout {
+impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -30,6 +30,8 @@ pub const OUTLIER_EJECTIONS: &str = "strait_outlier_ejections_total";
 pub const OUTLIER_EJECTED: &str = "strait_outlier_ejected";
 /// Active health check results, by backend and result (`pass`, `fail`).
 pub const HEALTH_CHECKS: &str = "strait_health_checks_total";
+/// TLS handshakes on `https` listeners, by listener and result (`ok`, `failed`, `timeout`).
+pub const TLS_HANDSHAKES: &str = "strait_tls_handshakes_total";
 /// Endpoints per backend in the table in force.
 pub const BACKEND_ENDPOINTS: &str = "strait_backend_endpoints";
 /// Generation number of the table in force.
@@ -93,6 +95,10 @@ pub fn describe() {
         "Endpoints currently ejected by outlier detection."
     );
     describe_counter!(HEALTH_CHECKS, "Active health check results.");
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "TLS handshakes on https listeners by result."
+    );
     describe_gauge!(
         BACKEND_ENDPOINTS,
         "Endpoints per backend in the table in force."

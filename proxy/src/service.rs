@@ -41,6 +41,14 @@ pub struct ConnContext {
     pub client: SocketAddr,
     /// The client's IP as a header value, for `X-Forwarded-For`.
     pub client_ip: HeaderValue,
+    /// `http` or `https`, for `X-Forwarded-Proto` and redirects that keep the scheme.
+    pub scheme: &'static str,
+    /// For mTLS listeners: the identity header and the client certificate's identity
+    /// (`None` when the client sent no certificate). A client-sent header of that name is
+    /// always replaced.
+    pub identity: Option<(http::HeaderName, Option<HeaderValue>)>,
+    /// `Strict-Transport-Security` for every response (HTTPS listeners with `hsts`).
+    pub hsts: Option<HeaderValue>,
 }
 
 /// Handles one request. Never fails: errors become responses, and a panic becomes a 500
@@ -51,7 +59,13 @@ pub async fn handle(
 ) -> Result<Response<ObservedBody>, Infallible> {
     let version = req.version();
     match AssertUnwindSafe(proxy(&cx, req)).catch_unwind().await {
-        Ok(resp) => Ok(resp),
+        Ok(mut resp) => {
+            if let Some(h) = &cx.hsts {
+                resp.headers_mut()
+                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+            }
+            Ok(resp)
+        }
         Err(_) => {
             metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
             tracing::error!(
@@ -173,7 +187,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
 
     let mut resp = match &route.action {
         Action::Direct(d) => direct(d, req.version()),
-        Action::Redirect(r) => redirect(r, &req),
+        Action::Redirect(r) => redirect(r, &req, cx.scheme),
         // Boxed: the forwarding future is large, and hyper moves the handler's future
         // before polling it; a box keeps that move to a pointer.
         Action::Forward(f) => {
@@ -223,9 +237,15 @@ async fn forward(
     headers::set_forwarded(
         &mut parts.headers,
         &cx.client_ip,
-        "http",
+        cx.scheme,
         done.host.as_ref(),
     );
+    if let Some((name, identity)) = &cx.identity {
+        parts.headers.remove(name);
+        if let Some(v) = identity {
+            parts.headers.insert(name.clone(), v.clone());
+        }
+    }
     if !route.request_headers.is_empty() {
         route.request_headers.apply(&mut parts.headers);
     }
@@ -701,14 +721,14 @@ fn direct(d: &DirectResponse, version: Version) -> Response<ProxyBody> {
     resp
 }
 
-fn redirect(r: &Redirect, req: &Request<Incoming>) -> Response<ProxyBody> {
+fn redirect(r: &Redirect, req: &Request<Incoming>, scheme: &str) -> Response<ProxyBody> {
     let req_host = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| req.uri().authority().map(Authority::as_str))
         .unwrap_or("");
-    let scheme = r.scheme.as_deref().unwrap_or("http");
+    let scheme = r.scheme.as_deref().unwrap_or(scheme);
     let (host_only, req_port) = split_host_port(req_host);
     let host = r.host.as_deref().unwrap_or(host_only);
     let mut location = format!("{scheme}://{host}");

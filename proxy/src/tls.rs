@@ -131,58 +131,71 @@ fn leaf_names(path: &Path, leaf: &CertificateDer<'_>) -> Result<Vec<String>, Tls
     Ok(names)
 }
 
-/// Certificates by the names they serve: exact names, then `*.suffix` wildcards (one label,
-/// as in RFC 6125), then a default for clients that send no SNI or an unknown name.
-#[derive(Debug, Default)]
-pub struct SniResolver {
-    exact: HashMap<String, Arc<CertifiedKey>>,
-    wildcard: HashMap<String, Arc<CertifiedKey>>,
-    default: Option<Arc<CertifiedKey>>,
+/// Values by the TLS server names they serve: exact names, then `*.suffix` wildcards (one
+/// label, as in RFC 6125), then a default for clients that send no SNI or an unknown name.
+#[derive(Debug)]
+pub struct SniMap<T> {
+    exact: HashMap<String, T>,
+    wildcard: HashMap<String, T>,
+    default: Option<T>,
 }
 
-impl SniResolver {
-    /// Adds a certificate for `names` (exact or `*.suffix`). The first certificate added
-    /// is the default unless [`SniResolver::set_default`] says otherwise. A name already
-    /// taken keeps its first certificate.
-    pub fn add(&mut self, names: &[String], key: &Arc<CertifiedKey>) {
+impl<T> Default for SniMap<T> {
+    fn default() -> Self {
+        Self {
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+            default: None,
+        }
+    }
+}
+
+impl<T: Clone> SniMap<T> {
+    /// Adds `value` for `names` (exact or `*.suffix`). The first value added is the default
+    /// unless [`SniMap::set_default`] says otherwise. A name already taken keeps its first
+    /// value.
+    pub fn add(&mut self, names: &[String], value: &T) {
         for n in names {
             let n = n.to_ascii_lowercase();
-            let map = match n.strip_prefix("*.") {
+            let slot = match n.strip_prefix("*.") {
                 Some(suffix) => self.wildcard.entry(suffix.to_owned()),
                 None => self.exact.entry(n),
             };
-            map.or_insert_with(|| Arc::clone(key));
+            slot.or_insert_with(|| value.clone());
         }
         if self.default.is_none() {
-            self.default = Some(Arc::clone(key));
+            self.default = Some(value.clone());
         }
     }
 
-    /// Makes `key` the certificate for clients without SNI or with an unknown name.
-    pub fn set_default(&mut self, key: &Arc<CertifiedKey>) {
-        self.default = Some(Arc::clone(key));
+    /// Makes `value` the answer for clients without SNI or with an unknown name.
+    pub fn set_default(&mut self, value: &T) {
+        self.default = Some(value.clone());
     }
 
-    /// The certificate for `sni`.
-    pub fn find(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+    /// The value for `sni`.
+    pub fn find(&self, sni: Option<&str>) -> Option<&T> {
         if let Some(name) = sni {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
-            if let Some(k) = self.exact.get(&name) {
-                return Some(Arc::clone(k));
+            if let Some(v) = self.exact.get(&name) {
+                return Some(v);
             }
             if let Some((_, suffix)) = name.split_once('.') {
-                if let Some(k) = self.wildcard.get(suffix) {
-                    return Some(Arc::clone(k));
+                if let Some(v) = self.wildcard.get(suffix) {
+                    return Some(v);
                 }
             }
         }
-        self.default.clone()
+        self.default.as_ref()
     }
 }
 
+/// Certificates by SNI, as rustls asks for them during a handshake.
+pub type SniResolver = SniMap<Arc<CertifiedKey>>;
+
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.find(hello.server_name())
+        self.find(hello.server_name()).cloned()
     }
 }
 
@@ -203,8 +216,8 @@ mod tests {
         r.add(&["*.example.com".into()], &w);
         r.add(&["a.example.com".into()], &a);
         r.set_default(&d);
-        let is = |got: Option<Arc<CertifiedKey>>, want: &Arc<CertifiedKey>| {
-            Arc::ptr_eq(&got.unwrap(), want)
+        let is = |got: Option<&Arc<CertifiedKey>>, want: &Arc<CertifiedKey>| {
+            Arc::ptr_eq(got.unwrap(), want)
         };
         assert!(is(r.find(Some("A.Example.com")), &a));
         assert!(is(r.find(Some("b.example.com")), &w));

@@ -206,6 +206,7 @@ async fn answer_inner(
         ("x-seen-request-id", "x-request-id"),
         ("x-seen-added", "x-added"),
         ("x-seen-connection", "connection"),
+        ("x-seen-identity", "x-client-identity"),
     ] {
         if let Some(v) = req.headers().get(header) {
             h.insert(seen, v.clone());

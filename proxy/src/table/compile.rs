@@ -28,6 +28,7 @@ use crate::balancer::{round_robin::Schedule, Balancer};
 use crate::breaker::{BackendRegistry, BackendState};
 use crate::endpoint::{EndpointRegistry, EndpointState};
 use crate::health::OutlierConfig;
+use crate::https::TlsListener;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
 use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
@@ -156,7 +157,7 @@ pub fn compile(
             backends: &backends,
             invalid: &invalid,
         };
-        listeners.push(compile_listener(&mut cx, &path, l, &known));
+        listeners.push(compile_listener(&mut cx, &path, l, &spec.listeners, &known));
     }
     if spec.listeners.is_empty() {
         cx.err("listeners", "at least one listener is required");
@@ -192,6 +193,10 @@ pub fn compile(
     check_dns(&mut cx, &spec.dns);
 
     if !cx.errors.is_empty() {
+        // A listener sharing another's routes compiles them again, with the same errors.
+        let mut seen = HashSet::new();
+        cx.errors
+            .retain(|e| seen.insert((e.path.clone(), e.message.clone())));
         return Err(cx.errors);
     }
     // Sorted by name so a listener's index is the same in every generation.
@@ -568,14 +573,24 @@ fn compile_listener(
     cx: &mut Ctx<'_>,
     path: &str,
     l: &ListenerSpec,
+    all: &[ListenerSpec],
     known: &Known<'_>,
 ) -> ListenerTable {
     let mut router = Router::default();
     let tcp = compile_tcp(cx, path, l, known);
+    let tls = compile_tls(cx, path, l);
+    // The listener whose routes this one serves: itself, or the one named by `routes_from`.
+    let (source_path, source) = match routes_source(cx, path, l, all) {
+        Some((j, src)) => (format!("listeners[{j}]"), src),
+        None => (path.to_owned(), l),
+    };
     let mut names = HashSet::new();
-    for (i, r) in l.routes.iter().enumerate() {
-        let rpath = format!("{path}.routes[{i}]");
-        let name = r.name.clone().unwrap_or_else(|| format!("{}/{i}", l.name));
+    for (i, r) in source.routes.iter().enumerate() {
+        let rpath = format!("{source_path}.routes[{i}]");
+        let name = r
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("{}/{i}", source.name));
         if !names.insert(name.clone()) {
             cx.err(
                 format!("{rpath}.name"),
@@ -587,8 +602,8 @@ fn compile_listener(
             router.insert(&hosts, &pm, &cond, Arc::new(route));
         }
     }
-    if let Some(d) = &l.default_route {
-        let dpath = format!("{path}.default_route");
+    if let Some(d) = &source.default_route {
+        let dpath = format!("{source_path}.default_route");
         if d.matches != MatchSpec::default() {
             cx.err(
                 format!("{dpath}.match"),
@@ -598,7 +613,7 @@ fn compile_listener(
         let name = d
             .name
             .clone()
-            .unwrap_or_else(|| format!("{}/default", l.name));
+            .unwrap_or_else(|| format!("{}/default", source.name));
         let pm = PathMatch::Prefix("/".into());
         if let Some(route) = compile_route(cx, &dpath, &l.name, name, d, &pm, known) {
             router.set_default(Arc::new(route));
@@ -609,7 +624,73 @@ fn compile_listener(
         address: l.address.clone(),
         router,
         tcp,
+        tls,
         unmatched: cx.metrics(&l.name, "", ""),
+    }
+}
+
+/// The listener named by `routes_from`, checked: it exists, serves HTTP, and has routes of
+/// its own (one level only, so a listener's routes are always where they are written).
+fn routes_source<'s>(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    l: &ListenerSpec,
+    all: &'s [ListenerSpec],
+) -> Option<(usize, &'s ListenerSpec)> {
+    let name = l.routes_from.as_ref()?;
+    let field = format!("{path}.routes_from");
+    if !l.routes.is_empty() || l.default_route.is_some() {
+        cx.err(
+            &field,
+            "a listener with routes_from has no routes or default_route of its own",
+        );
+    }
+    let Some(j) = all.iter().position(|o| &o.name == name) else {
+        let names: Vec<&str> = all.iter().map(|o| o.name.as_str()).collect();
+        cx.err(
+            &field,
+            format!("unknown listener {name:?} (defined: {})", names.join(", ")),
+        );
+        return None;
+    };
+    let src = &all[j];
+    if src.name == l.name || src.routes_from.is_some() || src.protocol == ListenerProtocol::Tcp {
+        cx.err(
+            &field,
+            format!("{name:?} must be another http or https listener with routes of its own"),
+        );
+        return None;
+    }
+    Some((j, src))
+}
+
+/// An `https` listener's certificates and TLS settings.
+fn compile_tls(cx: &mut Ctx<'_>, path: &str, l: &ListenerSpec) -> Option<Arc<TlsListener>> {
+    match (l.protocol, &l.tls) {
+        (ListenerProtocol::Https, Some(t)) => match TlsListener::build(t) {
+            Ok(tls) => Some(Arc::new(tls)),
+            Err(errors) => {
+                for e in errors {
+                    cx.err(format!("{path}.tls.{}", e.field), e.message);
+                }
+                None
+            }
+        },
+        (ListenerProtocol::Https, None) => {
+            cx.err(
+                format!("{path}.tls"),
+                "an https listener needs tls: {certificates: [{cert: FILE, key: FILE}]}",
+            );
+            None
+        }
+        (_, Some(_)) => {
+            cx.err(
+                format!("{path}.tls"),
+                "tls is only for listeners with protocol: https",
+            );
+            None
+        }
+        (_, None) => None,
     }
 }
 
@@ -627,8 +708,8 @@ fn compile_tcp(
         );
     }
     match (l.protocol, &l.tcp) {
-        (ListenerProtocol::Http, None) => None,
-        (ListenerProtocol::Http, Some(_)) => {
+        (ListenerProtocol::Http | ListenerProtocol::Https, None) => None,
+        (ListenerProtocol::Http | ListenerProtocol::Https, Some(_)) => {
             cx.err(
                 format!("{path}.tcp"),
                 "tcp is only for listeners with protocol: tcp",

@@ -123,6 +123,8 @@ pub struct ListenerTable {
     pub router: Router<Arc<Route>>,
     /// The backend of a `tcp` listener.
     pub tcp: Option<TcpForward>,
+    /// Certificates and TLS settings of an `https` listener.
+    pub tls: Option<Arc<crate::https::TlsListener>>,
     /// Metrics for requests no route took.
     pub unmatched: Arc<TargetMetrics>,
 }

@@ -34,6 +34,26 @@ pub struct Spec {
     pub dns: DnsSpec,
 }
 
+impl Spec {
+    /// Files the configuration reads besides itself (certificates, keys, CA bundles): a
+    /// change to any of them reloads the configuration, like a change to the file itself.
+    pub fn referenced_files(&self) -> Vec<std::path::PathBuf> {
+        let mut files = Vec::new();
+        for tls in self.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+            for c in &tls.certificates {
+                files.push(c.cert.as_str());
+                files.push(c.key.as_str());
+                files.extend(c.client_auth.as_ref().map(|a| a.ca.as_str()));
+            }
+            files.extend(tls.client_auth.as_ref().map(|a| a.ca.as_str()));
+        }
+        let mut files: Vec<std::path::PathBuf> = files.into_iter().map(Into::into).collect();
+        files.sort();
+        files.dedup();
+        files
+    }
+}
+
 /// Resolver settings for backends given as `dns: name:port`.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -163,6 +183,8 @@ pub enum ListenerProtocol {
     Http,
     /// Raw TCP: every connection is relayed to one endpoint of the listener's backend.
     Tcp,
+    /// HTTP/1.1 and HTTP/2 over TLS (ALPN), with certificates chosen by SNI.
+    Https,
 }
 
 /// A listener: a bound address and the routes that serve it.
@@ -186,6 +208,99 @@ pub struct ListenerSpec {
     /// requests get 404.
     #[serde(default)]
     pub default_route: Option<RouteSpec>,
+    /// Serve the routes (and default route) of this other listener, e.g. an `https`
+    /// listener sharing the routes of the `http` one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes_from: Option<String>,
+    /// Certificates and TLS settings of an `https` listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTlsSpec>,
+}
+
+/// TLS settings of an `https` listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSpec {
+    /// Certificates, chosen by the name the client asks for (SNI).
+    pub certificates: Vec<CertificateSpec>,
+    /// Oldest TLS version accepted: `"1.2"` or `"1.3"`.
+    #[serde(default = "default_min_tls")]
+    pub min_version: String,
+    /// Protocols offered by ALPN, in order of preference (`h2`, `http/1.1`).
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+    /// Client certificates (mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthSpec>,
+    /// `Strict-Transport-Security` on every response of the listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts: Option<HstsSpec>,
+}
+
+fn default_min_tls() -> String {
+    "1.2".to_owned()
+}
+
+fn default_alpn() -> Vec<String> {
+    vec!["h2".to_owned(), "http/1.1".to_owned()]
+}
+
+/// One certificate of an `https` listener.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    /// PEM chain, leaf first.
+    pub cert: String,
+    /// PEM private key.
+    pub key: String,
+    /// Names it serves (`a.example.com`, `*.example.com`); default: its DNS names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Served to clients without SNI or asking for an unknown name (default: the first).
+    #[serde(default)]
+    pub default: bool,
+    /// Client certificate settings for the names of this certificate, instead of the
+    /// listener's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_auth: Option<ClientAuthSpec>,
+}
+
+/// Client certificate verification.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthSpec {
+    /// PEM bundle of the CAs that sign accepted client certificates.
+    pub ca: String,
+    /// Refuse clients without a certificate (else they are let through without identity).
+    #[serde(default = "yes")]
+    pub required: bool,
+    /// Request header carrying the verified identity upstream (the certificate's first
+    /// URI or DNS name, else its subject). A client-sent header of that name is removed.
+    #[serde(default = "default_identity_header")]
+    pub identity_header: String,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_identity_header() -> String {
+    "x-client-identity".to_owned()
+}
+
+/// HTTP Strict Transport Security.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct HstsSpec {
+    /// How long browsers remember to use HTTPS only.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// Also for every subdomain.
+    #[serde(default)]
+    pub include_subdomains: bool,
+    /// Ask to be on browsers' preload lists.
+    #[serde(default)]
+    pub preload: bool,
 }
 
 /// The backend of a `tcp` listener.

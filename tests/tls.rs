@@ -1,0 +1,411 @@
+//! HTTPS listeners with the real binary: certificates generated here (rcgen), real clients
+//! (curl, openssl s_client, a rustls client, a tonic gRPC client over TLS).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use support::*;
+
+/// A private CA that signs leaf certificates into a directory.
+struct Ca {
+    dir: tempdir::Dir,
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+impl Ca {
+    fn new(tag: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{tag} test CA"));
+        let cert = params.self_signed(&key).unwrap();
+        let dir = tempdir::Dir::new(tag);
+        let pem = cert.pem();
+        dir.write("ca.pem", &pem);
+        Self {
+            dir,
+            issuer: Issuer::new(params, key),
+            pem,
+        }
+    }
+
+    fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
+    /// Signs a certificate for `names` (DNS names, or `uri:...` for a URI name) and writes
+    /// `<file>.pem` and `<file>-key.pem`; returns the certificate's DER.
+    fn issue(&self, file: &str, names: &[&str]) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].trim_start_matches("uri:"));
+        for n in names {
+            params.subject_alt_names.push(match n.strip_prefix("uri:") {
+                Some(u) => SanType::URI(u.try_into().unwrap()),
+                None => SanType::DnsName((*n).try_into().unwrap()),
+            });
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        // Written next to each other and renamed into place, as a rotation would be.
+        let cert_path = self.dir.path().join(format!("{file}.pem"));
+        let key_path = self.dir.path().join(format!("{file}-key.pem"));
+        write_atomic(&key_path, &key.serialize_pem());
+        write_atomic(&cert_path, &cert.pem());
+        cert.der().to_vec()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A config with an `https` listener (`tls` given as YAML lines) forwarding to `up`, and a
+/// plain listener whose routes it shares.
+fn https_config(tls: &str, up: &Upstream) -> String {
+    format!(
+        "access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - forward: {{backend: app}}
+  - name: secure
+    address: 127.0.0.1:0
+    protocol: https
+    routes_from: web
+    tls:
+{tls}
+backends:
+  - name: app
+    endpoints: [\"{}\"]
+",
+        up.addr
+    )
+}
+
+fn listener(b: &Binary, name: &str) -> std::net::SocketAddr {
+    b.listeners.iter().find(|(n, _)| n == name).unwrap().1
+}
+
+/// `curl` against the https listener, resolving `host` to it; returns stdout and success.
+fn curl(b: &Binary, ca: &Ca, host: &str, extra: &[&str]) -> (String, bool) {
+    let addr = listener(b, "secure");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(ca.ca_path())
+        .arg("--resolve")
+        .arg(format!("{host}:{}:127.0.0.1", addr.port()))
+        .args(extra)
+        .arg(format!("https://{host}:{}/", addr.port()))
+        .output()
+        .expect("curl runs");
+    if !out.status.success() {
+        eprintln!("curl {host}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// The subject of the certificate served for `sni` (`None`: no SNI), as `openssl s_client`
+/// sees it.
+fn served_subject(addr: std::net::SocketAddr, sni: Option<&str>) -> String {
+    let mut cmd = Command::new("sh");
+    let name = match sni {
+        Some(n) => format!("-servername {n}"),
+        None => "-noservername".to_owned(),
+    };
+    cmd.arg("-c").arg(format!(
+        "openssl s_client -connect {addr} {name} </dev/null 2>/dev/null | openssl x509 -noout -subject"
+    ));
+    String::from_utf8_lossy(&cmd.output().unwrap().stdout)
+        .trim()
+        .to_owned()
+}
+
+// curl and openssl block this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_chosen_by_sni_with_wildcards_and_a_default() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-sni");
+    ca.issue("a", &["a.test"]);
+    ca.issue("wild", &["*.wild.test"]);
+    ca.issue("fallback", &["fallback.test"]);
+    let tls = format!(
+        "      certificates:
+        - {{cert: {}, key: {}}}
+        - {{cert: {}, key: {}}}
+        - {{cert: {}, key: {}, default: true}}",
+        ca.path("a.pem"),
+        ca.path("a-key.pem"),
+        ca.path("wild.pem"),
+        ca.path("wild-key.pem"),
+        ca.path("fallback.pem"),
+        ca.path("fallback-key.pem"),
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    let addr = listener(&b, "secure");
+    assert_eq!(served_subject(addr, Some("a.test")), "subject=CN = a.test");
+    assert_eq!(
+        served_subject(addr, Some("x.wild.test")),
+        "subject=CN = *.wild.test"
+    );
+    assert_eq!(
+        served_subject(addr, Some("other.test")),
+        "subject=CN = fallback.test"
+    );
+    assert_eq!(served_subject(addr, None), "subject=CN = fallback.test");
+    // curl verifies the chain and the name, and gets the upstream's answer.
+    let (body, ok) = curl(&b, &ca, "a.test", &[]);
+    assert!(ok && body == "app", "{body}");
+    let (body, ok) = curl(&b, &ca, "api.wild.test", &[]);
+    assert!(ok && body == "app", "{body}");
+}
+
+// curl and openssl block this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alpn_negotiates_h2_and_tls_below_1_2_is_refused() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-alpn");
+    ca.issue("a", &["a.test"]);
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    let (v, ok) = curl(
+        &b,
+        &ca,
+        "a.test",
+        &["-o", "/dev/null", "-w", "%{http_version}"],
+    );
+    assert!(ok && v == "2", "ALPN h2 by default: {v}");
+    let (v, ok) = curl(
+        &b,
+        &ca,
+        "a.test",
+        &["--http1.1", "-o", "/dev/null", "-w", "%{http_version}"],
+    );
+    assert!(ok && v == "1.1", "{v}");
+    // X-Forwarded-Proto says https.
+    let (headers, ok) = curl(&b, &ca, "a.test", &["-D", "-", "-o", "/dev/null"]);
+    assert!(ok && headers.contains("x-seen-proto: https"), "{headers}");
+
+    let addr = listener(&b, "secure");
+    for (flag, works) in [("-tls1_1", false), ("-tls1_2", true), ("-tls1_3", true)] {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "openssl s_client -connect {addr} -servername a.test {flag} </dev/null 2>&1"
+            ))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let negotiated = !text.contains("Cipher is (NONE)") && text.contains("Cipher is");
+        assert_eq!(negotiated, works, "{flag}: {text}");
+    }
+}
+
+#[tokio::test]
+async fn grpc_over_tls_reaches_an_h2c_backend() {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
+        .await;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
+    );
+    let ca = Ca::new("tls-grpc");
+    ca.issue("a", &["localhost"]);
+    let yaml = format!(
+        "access_log: {{enabled: false}}
+listeners:
+  - name: secure
+    address: 127.0.0.1:0
+    protocol: https
+    routes:
+      - forward: {{backend: grpc}}
+    tls:
+      certificates: [{{cert: {}, key: {}}}]
+backends:
+  - name: grpc
+    protocol: h2c
+    endpoints: [\"{grpc_addr}\"]
+",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let cfg = ca.dir.write("strait.yaml", &yaml);
+    let b = Binary::start(&cfg).await;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca.pem))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(format!(
+        "https://localhost:{}",
+        listener(&b, "secure").port()
+    ))
+    .unwrap()
+    .tls_config(tls)
+    .unwrap()
+    .connect()
+    .await
+    .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "shop.Cart".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().status, 1, "SERVING");
+}
+
+// curl and openssl block this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_requires_a_client_certificate_and_passes_its_identity() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-mtls");
+    ca.issue("a", &["a.test"]);
+    ca.issue(
+        "client",
+        &["uri:spiffe://cluster.local/ns/shop/sa/cart", "cart.test"],
+    );
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]
+      client_auth: {{ca: {}}}",
+        ca.path("a.pem"),
+        ca.path("a-key.pem"),
+        ca.ca_path().display()
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    let (_, ok) = curl(&b, &ca, "a.test", &[]);
+    assert!(!ok, "no client certificate: refused");
+    let (cert, key) = (ca.path("client.pem"), ca.path("client-key.pem"));
+    let (headers, ok) = curl(
+        &b,
+        &ca,
+        "a.test",
+        &[
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-H",
+            "x-client-identity: forged",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ],
+    );
+    assert!(ok, "with a certificate from the CA: {headers}");
+    assert!(
+        headers.contains("x-seen-identity: spiffe://cluster.local/ns/shop/sa/cart"),
+        "the verified identity replaces the client's header: {headers}"
+    );
+}
+
+/// A rustls client that trusts `ca` and keeps one HTTP/1.1 connection open.
+async fn open_connection(
+    addr: std::net::SocketAddr,
+    ca: &Ca,
+    sni: &str,
+) -> (
+    Vec<u8>,
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca.ca_path()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(sni.to_owned().try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    let served = stream.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    (served, sender)
+}
+
+use rustls_pki_types::pem::PemObject;
+
+#[tokio::test]
+async fn a_rotated_certificate_serves_new_connections_while_old_ones_stay() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-rotate");
+    let v1 = ca.issue("a", &["a.test"]);
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    let addr = listener(&b, "secure");
+    let (served, mut old) = open_connection(addr, &ca, "a.test").await;
+    assert_eq!(served, v1);
+
+    let v2 = ca.issue("a", &["a.test"]);
+    assert_ne!(v1, v2);
+    eventually(
+        Duration::from_secs(10),
+        "new connections get the new certificate",
+        || async { open_connection(addr, &ca, "a.test").await.0 == v2 },
+    )
+    .await;
+    // The connection opened before the rotation still works, with its certificate.
+    let req = http::Request::get("/")
+        .header("host", "a.test")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = old.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+
+    // A key that does not match the certificate is rejected; the last good pair stays.
+    let other = rcgen::KeyPair::generate().unwrap();
+    write_atomic(&ca.dir.path().join("a-key.pem"), &other.serialize_pem());
+    eventually(
+        Duration::from_secs(10),
+        "the bad key is reported",
+        || async { b.logged("does not go with") },
+    )
+    .await;
+    assert_eq!(open_connection(addr, &ca, "a.test").await.0, v2);
+}
