@@ -25,8 +25,9 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=$root/target/release/strait
 work=$(mktemp -d "${TMPDIR:-/tmp}/strait-ab.XXXXXX")
 pids=()
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
 
-die() { printf 'ab-keepalive: %s\n' "$*" >&2; exit 2; }
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
@@ -35,44 +36,13 @@ cleanup() {
 trap cleanup EXIT
 
 [ -x "$bin" ] || die "build first: cargo build --release --locked"
-command -v nginx >/dev/null || die "nginx not found (apt-get install -y nginx-light)"
-command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
-
-cat >"$work/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx.pid;
-error_log $work/nginx-error.log;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $work;
-  proxy_temp_path $work;
-  fastcgi_temp_path $work;
-  uwsgi_temp_path $work;
-  scgi_temp_path $work;
-  keepalive_requests 1000000;
-  server {
-    listen 127.0.0.1:18091;
-    location / { return 200 "$(printf 'x%.0s' $(seq 64))"; }
-  }
-}
-NGINX
-taskset -c 0 nginx -c "$work/nginx.conf" &
-pids+=($!)
+need nginx wrk curl
+start_backend
 for i in 0 1; do
   taskset -c 1 "$bin" --config "${configs[i]}" --worker-threads 1 --log-level warn &
   pids+=($!)
 done
 
-wait_ok() {  # $1 url
-  for _ in $(seq 100); do
-    [ "$(curl -s -o /dev/null -w '%{http_code}' "$1" || true)" = 200 ] && return 0
-    sleep 0.1
-  done
-  die "$1 does not answer 200"
-}
-wait_ok http://127.0.0.1:18091/
 for i in 0 1; do
   wait_ok "http://127.0.0.1:${admins[i]}/ready"
   wait_ok "http://127.0.0.1:${ports[i]}/"
@@ -91,7 +61,6 @@ for r in $(seq "$REPS"); do
   done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 a=$(printf '%s' "${results[0]}" | median)
 b=$(printf '%s' "${results[1]}" | median)
 echo

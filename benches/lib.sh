@@ -1,0 +1,54 @@
+# Shared by the comparison scripts in benches/: sourced, not run.
+#
+# Needs $work (a scratch directory) and the array pids (processes to stop on exit) set by the
+# caller, which also installs the cleanup trap.
+
+die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 2; }
+
+need() {  # commands...
+  for c in "$@"; do
+    command -v "$c" >/dev/null || die "$c not found (apt-get install -y nginx-light wrk curl)"
+  done
+}
+
+# One nginx backend answering a 64-byte body on 127.0.0.1:18091, one worker, on CPU 0.
+start_backend() {
+  cat >"$work/backend.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/backend.pid;
+error_log $work/backend-error.log;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $work;
+  proxy_temp_path $work;
+  fastcgi_temp_path $work;
+  uwsgi_temp_path $work;
+  scgi_temp_path $work;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:18091;
+    location / { return 200 "$(printf 'x%.0s' $(seq 64))"; }
+  }
+}
+NGINX
+  taskset -c 0 nginx -c "$work/backend.conf" &
+  pids+=($!)
+  wait_ok http://127.0.0.1:18091/
+}
+
+wait_ok() {  # url [curl options...]
+  local url=$1
+  shift
+  for _ in $(seq 100); do
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "$@" "$url" || true)" = 200 ] && return 0
+    sleep 0.1
+  done
+  die "$url does not answer 200"
+}
+
+median() {  # reads numbers separated by spaces or newlines
+  tr ' ' '\n' | grep -v '^$' | sort -n |
+    awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'
+}
