@@ -21,3 +21,4 @@ pub mod table;
 pub mod tcp;
 pub mod tls;
 pub mod upstream;
+pub mod upstream_tls;

@@ -438,9 +438,12 @@ pub struct BackendSpec {
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
-    /// TCP connect timeout.
+    /// TCP connect timeout; it bounds the TLS handshake too (separately).
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// TLS to the endpoints (`http1` and `h2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsSpec>,
     /// Keep-alive pool limits.
     #[serde(default)]
     pub pool: PoolSpec,
@@ -797,11 +800,38 @@ pub enum HashSource {
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
-    /// HTTP/1.1 with keep-alive pooling.
+    /// HTTP/1.1 with keep-alive pooling (over TLS when the backend has `tls`).
     #[default]
     Http1,
     /// HTTP/2 cleartext with prior knowledge; one multiplexed connection per endpoint.
     H2c,
+    /// HTTP/2 over TLS, agreed with ALPN; one multiplexed connection per endpoint. Needs `tls`.
+    H2,
+}
+
+/// TLS from Strait to a backend's endpoints.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// The server name sent in SNI and checked against the certificate. Default: the host
+    /// name of a `dns` backend; required for `endpoints` (addresses carry no name) unless
+    /// `insecure_skip_verify` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates that may sign the endpoints' certificates. Absent:
+    /// the operating system's trusted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// PEM certificate chain Strait presents to the endpoints (mutual TLS); with `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+    /// Accept any certificate from the endpoints: no chain and no name check. Anyone on
+    /// the path can then read and change the traffic. Logged as a warning at every load.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// Keep-alive pool limits per endpoint.
