@@ -14,6 +14,7 @@ pub mod health_check;
 pub mod listener;
 pub mod metrics;
 pub mod names;
+pub mod passthrough;
 pub mod rate_limit;
 pub mod router;
 pub mod service;

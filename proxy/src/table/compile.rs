@@ -18,7 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use super::spec::{
     BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
     HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RateLimitKeySpec,
-    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, Spec, UpstreamProtocol,
+    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, SniRouteSpec, Spec,
+    UpstreamProtocol,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
@@ -30,6 +31,7 @@ use crate::endpoint::{EndpointRegistry, EndpointState};
 use crate::health::OutlierConfig;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
+use crate::passthrough::SniRoutes;
 use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
 use crate::upstream::{ClientKey, ClientRegistry, Upstream};
@@ -701,19 +703,98 @@ fn compile_tcp(
             None
         }
         (ListenerProtocol::Tcp, Some(t)) => {
+            let before = cx.errors.len();
             if t.idle_timeout.is_zero() {
                 cx.err(
                     format!("{path}.tcp.idle_timeout"),
                     "must be greater than 0s",
                 );
             }
-            let backend = known.get(cx, &format!("{path}.tcp.backend"), &t.backend)?;
-            Some(TcpForward {
+            if t.backend.is_none() && t.sni.is_none() {
+                cx.err(
+                    format!("{path}.tcp"),
+                    "a tcp listener needs backend, sni (TLS passthrough) or both",
+                );
+            }
+            let backend = t
+                .backend
+                .as_ref()
+                .and_then(|b| known.get(cx, &format!("{path}.tcp.backend"), b));
+            let sni = t
+                .sni
+                .as_ref()
+                .map(|rules| Arc::new(compile_sni(cx, &format!("{path}.tcp.sni"), rules, known)));
+            (cx.errors.len() == before).then_some(TcpForward {
                 backend,
+                sni,
                 idle_timeout: t.idle_timeout,
             })
         }
     }
+}
+
+/// TLS passthrough rules: each host once, DNS names or one-label wildcards only (a
+/// ClientHello carries no IP address, and `*` is what the default backend is for).
+fn compile_sni(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    rules: &[SniRouteSpec],
+    known: &Known<'_>,
+) -> SniRoutes {
+    let mut routes = SniRoutes::default();
+    if rules.is_empty() {
+        cx.err(
+            path,
+            "give at least one {hosts, backend} rule, or remove sni",
+        );
+    }
+    // By the host as normalized (lowercase), so `A.example` and `a.example` collide.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let rpath = format!("{path}[{i}]");
+        let backend = known.get(cx, &format!("{rpath}.backend"), &rule.backend);
+        if rule.hosts.is_empty() {
+            cx.err(format!("{rpath}.hosts"), "list at least one server name");
+        }
+        for (j, h) in rule.hosts.iter().enumerate() {
+            let hpath = format!("{rpath}.hosts[{j}]");
+            let host = match parse_host(h) {
+                Err(e) => {
+                    cx.err(hpath, e);
+                    continue;
+                }
+                Ok(HostMatch::Any) => {
+                    cx.err(
+                        hpath,
+                        "* matches any name: use tcp.backend for connections no rule takes",
+                    );
+                    continue;
+                }
+                Ok(_) if h.parse::<std::net::IpAddr>().is_ok() => {
+                    cx.err(
+                        hpath,
+                        format!("{h:?} is an IP address; TLS clients send only DNS names in SNI"),
+                    );
+                    continue;
+                }
+                Ok(host) => host,
+            };
+            let key = match &host {
+                HostMatch::Wildcard(suffix) => format!("*.{suffix}"),
+                HostMatch::Exact(name) => name.clone(),
+                HostMatch::Any => continue,
+            };
+            if let Some(first) = seen.get(&key) {
+                cx.err(hpath, format!("{h:?} is already routed by {path}[{first}]"));
+                continue;
+            }
+            seen.insert(key, i);
+            if let Some(b) = &backend {
+                routes.insert(&host, b);
+            }
+        }
+    }
+    routes
 }
 
 fn compile_match(

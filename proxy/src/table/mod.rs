@@ -154,8 +154,11 @@ pub struct RetryPolicy {
 /// Where a `tcp` listener relays connections.
 #[derive(Debug)]
 pub struct TcpForward {
-    /// The backend.
-    pub backend: Arc<Backend>,
+    /// The backend; with `sni`, the one for names no rule lists.
+    pub backend: Option<Arc<Backend>>,
+    /// TLS passthrough rules by server name (an `Arc`: a connection holds them while it
+    /// reads the ClientHello, not the whole table).
+    pub sni: Option<Arc<crate::passthrough::SniRoutes>>,
     /// Close connections idle this long.
     pub idle_timeout: Duration,
 }

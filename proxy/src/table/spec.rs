@@ -192,13 +192,29 @@ pub struct ListenerSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TcpForwardSpec {
-    /// Backend name; each connection goes to one of its endpoints.
-    pub backend: String,
+    /// Backend name; each connection goes to one of its endpoints. With `sni`, the backend
+    /// for connections whose server name no entry lists (optional then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// TLS passthrough: pick the backend by the server name (SNI) of the client's TLS
+    /// ClientHello, without terminating TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<Vec<SniRouteSpec>>,
     /// A connection on which no byte moves in either direction for this long is closed.
     /// Database and message-queue clients keep idle connections for long, so the default is
     /// long too (Envoy's TCP proxy also uses one hour).
     #[serde(default = "default_tcp_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+}
+
+/// One TLS passthrough rule: connections whose SNI is one of `hosts` go to `backend`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniRouteSpec {
+    /// Server names: exact (`db.example.com`) or a one-label wildcard (`*.example.com`).
+    pub hosts: Vec<String>,
+    /// Backend name.
+    pub backend: String,
 }
 
 fn default_tcp_idle_timeout() -> Duration {
