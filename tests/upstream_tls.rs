@@ -401,3 +401,30 @@ fn validation_names_the_field_and_the_file() {
     );
     assert_eq!(errors(&ok), Vec::<String>::new());
 }
+
+/// Writes the test-only certificates that the examples in `docs/` and `examples/` point at:
+/// `cargo test --test upstream_tls -- --ignored regenerate_example_certificates`
+#[test]
+#[ignore = "writes examples/tls; run by hand to regenerate the fixtures"]
+fn regenerate_example_certificates() {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tls");
+    std::fs::create_dir_all(&out).unwrap();
+    let ca = Ca::new("examples");
+    let client = ca.issue("client", &["strait.client.example"]);
+    let note = "# TEST FIXTURE, NOT FOR PRODUCTION: the private key of this CA was thrown away, and\n\
+                # this file exists only so the examples in docs/ and examples/ validate.\n\
+                # Regenerate: cargo test --test upstream_tls -- --ignored regenerate_example_certificates\n";
+    for (from, to) in [
+        (&ca.file, "ca.pem"),
+        (&client.cert_file, "client.pem"),
+        (&client.key_file, "client-key.pem"),
+    ] {
+        let pem = std::fs::read_to_string(from).unwrap();
+        let note = if to == "client-key.pem" {
+            note.replace("the private key of this CA was thrown away", "this key is public")
+        } else {
+            note.to_owned()
+        };
+        std::fs::write(out.join(to), format!("{note}{pem}")).unwrap();
+    }
+}
