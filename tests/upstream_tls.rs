@@ -421,7 +421,10 @@ fn regenerate_example_certificates() {
     ] {
         let pem = std::fs::read_to_string(from).unwrap();
         let note = if to == "client-key.pem" {
-            note.replace("the private key of this CA was thrown away", "this key is public")
+            note.replace(
+                "the private key of this CA was thrown away",
+                "this key is public",
+            )
         } else {
             note.to_owned()
         };
