@@ -96,17 +96,9 @@ impl Publisher {
         )?;
         self.generation += 1;
         let live: Vec<_> = table
-            .spec
             .backends
             .iter()
-            .map(|b| {
-                (
-                    Arc::<str>::from(b.name.as_str()),
-                    b.protocol,
-                    b.pool.clone(),
-                    b.connect_timeout,
-                )
-            })
+            .filter_map(|b| b.client_key.clone())
             .collect();
         self.handle.publish(table);
         self.registries.endpoints.prune();

@@ -10,6 +10,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper::Uri;
@@ -17,8 +18,10 @@ use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_rustls::client::TlsStream;
 
 use crate::table::spec::CircuitBreakerSpec;
+use crate::upstream_tls::{TlsConnectError, UpstreamTls};
 
 /// Which threshold turned a request away; the value of the `x-strait-circuit-breaker`
 /// response header and of the `breaker` metric label.
@@ -216,17 +219,30 @@ impl BackendRegistry {
 }
 
 /// The HTTP/1.1 client's connector: a TCP connect that first takes a connection slot of
-/// the backend, so `max_connections` and `max_pending_requests` hold whatever the pool does.
+/// the backend, so `max_connections` and `max_pending_requests` hold whatever the pool does;
+/// for a backend with `tls`, the TLS handshake follows on the same slot.
 #[derive(Debug, Clone)]
 pub struct LimitedConnector {
     inner: HttpConnector,
     state: Arc<BackendState>,
+    /// TLS settings and the handshake timeout.
+    tls: Option<(Arc<UpstreamTls>, Duration)>,
 }
 
 impl LimitedConnector {
     /// Wraps `inner`, counting its connections against `state`.
     pub fn new(inner: HttpConnector, state: Arc<BackendState>) -> Self {
-        Self { inner, state }
+        Self {
+            inner,
+            state,
+            tls: None,
+        }
+    }
+
+    /// Makes every connection TLS, each handshake allowed `timeout`.
+    pub fn with_tls(mut self, tls: Arc<UpstreamTls>, timeout: Duration) -> Self {
+        self.tls = Some((tls, timeout));
+        self
     }
 }
 
@@ -243,25 +259,73 @@ impl tower_service::Service<Uri> for LimitedConnector {
     fn call(&mut self, uri: Uri) -> Self::Future {
         let mut inner = self.inner.clone();
         let state = Arc::clone(&self.state);
+        let tls = self.tls.clone();
         Box::pin(async move {
             let slot = state.connection_slot().await;
             let io = inner.call(uri).await?;
+            let io = match tls {
+                None => Io::Plain(io),
+                Some((tls, timeout)) => {
+                    let tcp = io.into_inner();
+                    let addr = tcp.peer_addr()?;
+                    let stream = tls.connect(tcp, addr, timeout).await.map_err(|e| {
+                        // A timeout must read as one, so the request gets 504 like a
+                        // TCP connect timeout.
+                        let boxed: Self::Error = match e {
+                            TlsConnectError::Timeout { .. } => {
+                                Box::new(io::Error::new(io::ErrorKind::TimedOut, e))
+                            }
+                            e => Box::new(e),
+                        };
+                        boxed
+                    })?;
+                    Io::Tls(Box::new(TokioIo::new(stream)))
+                }
+            };
             Ok(LimitedConnection { io, _slot: slot })
         })
     }
 }
 
-/// A TCP connection that holds its backend's connection slot.
+/// A plain or TLS upstream connection. The TLS state is boxed: it is large, and plain
+/// connections should not carry its size.
+#[derive(Debug)]
+enum Io {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+/// A connection that holds its backend's connection slot.
 #[derive(Debug)]
 pub struct LimitedConnection {
-    io: TokioIo<TcpStream>,
+    io: Io,
     _slot: ConnectionSlot,
 }
 
 impl Connection for LimitedConnection {
     fn connected(&self) -> Connected {
-        self.io.connected()
+        match &self.io {
+            Io::Plain(io) => io.connected(),
+            // ALPN http/1.1 only (see `UpstreamTls`): never HTTP/2 here.
+            Io::Tls(io) => io.inner().get_ref().0.connected(),
+        }
     }
+}
+
+/// Forwards an I/O call to whichever stream the connection has.
+macro_rules! io_call {
+    ($self:ident, $io:ident => $e:expr) => {
+        match &mut $self.get_mut().io {
+            Io::Plain($io) => {
+                let $io = Pin::new($io);
+                $e
+            }
+            Io::Tls($io) => {
+                let $io = Pin::new(&mut **$io);
+                $e
+            }
+        }
+    };
 }
 
 impl Read for LimitedConnection {
@@ -270,7 +334,7 @@ impl Read for LimitedConnection {
         cx: &mut Context<'_>,
         buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        io_call!(self, io => io.poll_read(cx, buf))
     }
 }
 
@@ -280,7 +344,7 @@ impl Write for LimitedConnection {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        io_call!(self, io => io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -288,19 +352,22 @@ impl Write for LimitedConnection {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        io_call!(self, io => io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            Io::Plain(io) => io.is_write_vectored(),
+            Io::Tls(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        io_call!(self, io => io.poll_flush(cx))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        io_call!(self, io => io.poll_shutdown(cx))
     }
 }
 

@@ -11,12 +11,14 @@ use bytes::{Buf, Bytes};
 use http::{header, HeaderValue, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
 use crate::endpoint::EndpointState;
 use crate::table::spec::{HealthCheckSpec, HttpCheckSpec};
 use crate::table::RouteTable;
+use crate::upstream_tls::{negotiated_h2, UpstreamTls};
 
 /// `grpc.health.v1.HealthCheckResponse.ServingStatus.SERVING`.
 const GRPC_SERVING: u64 = 1;
@@ -30,6 +32,8 @@ pub struct HealthChecker {
 #[derive(Debug)]
 struct Running {
     spec: HealthCheckSpec,
+    /// The backend's [`UpstreamTls::fingerprint`]: changed TLS settings restart the checks.
+    tls: Option<u64>,
     state: Weak<EndpointState>,
     task: AbortHandle,
 }
@@ -46,13 +50,17 @@ impl HealthChecker {
             .filter_map(|b| b.health_check.as_ref().map(|hc| (b, hc)))
         {
             for ep in &backend.endpoints {
-                wanted.insert((Arc::clone(&backend.name), ep.addr), (spec, &ep.state));
+                wanted.insert(
+                    (Arc::clone(&backend.name), ep.addr),
+                    (spec, &ep.state, &backend.tls),
+                );
             }
         }
         self.tasks.retain(|key, running| {
-            let keep = wanted
-                .get(key)
-                .is_some_and(|(spec, _)| **spec == running.spec);
+            let keep = wanted.get(key).is_some_and(|(spec, _, tls)| {
+                **spec == running.spec
+                    && tls.as_deref().map(UpstreamTls::fingerprint) == running.tls
+            });
             if !keep {
                 running.task.abort();
                 if let Some(state) = running.state.upgrade() {
@@ -61,7 +69,7 @@ impl HealthChecker {
             }
             keep
         });
-        for (key, (spec, state)) in wanted {
+        for (key, (spec, state, tls)) in wanted {
             if self.tasks.contains_key(&key) {
                 continue;
             }
@@ -69,12 +77,14 @@ impl HealthChecker {
                 Arc::clone(&key.0),
                 key.1,
                 spec.clone(),
+                tls.clone(),
                 Arc::downgrade(state),
             ));
             self.tasks.insert(
                 key,
                 Running {
                     spec: spec.clone(),
+                    tls: tls.as_deref().map(UpstreamTls::fingerprint),
                     state: Arc::downgrade(state),
                     task: task.abort_handle(),
                 },
@@ -96,6 +106,7 @@ async fn run(
     backend: Arc<str>,
     addr: SocketAddr,
     spec: HealthCheckSpec,
+    tls: Option<Arc<UpstreamTls>>,
     state: Weak<EndpointState>,
 ) {
     let labels = |result: &'static str| {
@@ -110,10 +121,11 @@ async fn run(
     );
     let (mut passes, mut failures) = (0u32, 0u32);
     loop {
-        let outcome = match tokio::time::timeout(spec.timeout, check(addr, &spec)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
-        };
+        let outcome =
+            match tokio::time::timeout(spec.timeout, check(addr, &spec, tls.as_deref())).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no answer within {:?}", spec.timeout)),
+            };
         let Some(state) = state.upgrade() else {
             return;
         };
@@ -141,39 +153,99 @@ async fn run(
     }
 }
 
-/// One check; `Err` says why it failed.
-async fn check(addr: SocketAddr, spec: &HealthCheckSpec) -> Result<(), String> {
+/// One check; `Err` says why it failed. HTTP and gRPC checks of a backend with `tls` go
+/// over TLS with its settings, and an HTTP check speaks HTTP/2 when ALPN agreed on it.
+async fn check(
+    addr: SocketAddr,
+    spec: &HealthCheckSpec,
+    tls: Option<&UpstreamTls>,
+) -> Result<(), String> {
     let tcp = TcpStream::connect(addr)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    if let Some(http) = &spec.http {
-        return check_http(tcp, addr, http).await;
+    if spec.http.is_none() && spec.grpc.is_none() {
+        // `tcp`: the connect was the check.
+        return Ok(());
     }
-    if let Some(grpc) = &spec.grpc {
-        return check_grpc(tcp, addr, &grpc.service).await;
+    match tls {
+        None => check_on(tcp, addr, spec, "http", false).await,
+        Some(tls) => {
+            let stream = tls
+                .connect(tcp, addr, spec.timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            let h2 = negotiated_h2(&stream);
+            check_on(stream, addr, spec, "https", h2).await
+        }
     }
-    // `tcp`: the connect was the check.
-    Ok(())
 }
 
-async fn check_http(tcp: TcpStream, addr: SocketAddr, spec: &HttpCheckSpec) -> Result<(), String> {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    tokio::spawn(conn);
+/// The HTTP or gRPC check on a connected stream.
+async fn check_on<T>(
+    io: T,
+    addr: SocketAddr,
+    spec: &HealthCheckSpec,
+    scheme: &str,
+    h2: bool,
+) -> Result<(), String>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if let Some(http) = &spec.http {
+        return check_http(io, addr, http, scheme, h2).await;
+    }
+    match &spec.grpc {
+        Some(grpc) => check_grpc(io, addr, &grpc.service, scheme).await,
+        None => Ok(()),
+    }
+}
+
+async fn check_http<T>(
+    io: T,
+    addr: SocketAddr,
+    spec: &HttpCheckSpec,
+    scheme: &str,
+    h2: bool,
+) -> Result<(), String>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let host = spec.host.clone().unwrap_or_else(|| addr.to_string());
-    let req = Request::builder()
-        .method(Method::from_bytes(spec.method.as_bytes()).map_err(|e| e.to_string())?)
-        .uri(spec.path.as_str())
-        .header(header::HOST, host)
-        .header(header::USER_AGENT, "strait-health-check")
-        .header(header::CONNECTION, "close")
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let method = Method::from_bytes(spec.method.as_bytes()).map_err(|e| e.to_string())?;
+    let builder = Request::builder()
+        .method(method)
+        .header(header::USER_AGENT, "strait-health-check");
+    let resp = if h2 {
+        // HTTP/2 carries the host in :authority, from the URI.
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+                .await
+                .map_err(|e| format!("h2 handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = builder
+            .uri(format!("{scheme}://{host}{}", spec.path))
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(conn);
+        let req = builder
+            .uri(spec.path.as_str())
+            .header(header::HOST, host)
+            .header(header::CONNECTION, "close")
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("request: {e}"))?
+    };
     let status = resp.status().as_u16();
     let [lo, hi] = spec.expected_statuses;
     if (lo..=hi).contains(&status) {
@@ -183,15 +255,18 @@ async fn check_http(tcp: TcpStream, addr: SocketAddr, spec: &HttpCheckSpec) -> R
     }
 }
 
-async fn check_grpc(tcp: TcpStream, addr: SocketAddr, service: &str) -> Result<(), String> {
+async fn check_grpc<T>(io: T, addr: SocketAddr, service: &str, scheme: &str) -> Result<(), String>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
     let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|e| format!("h2 handshake: {e}"))?;
     tokio::spawn(conn);
     let req = Request::builder()
         .method(Method::POST)
-        .uri(format!("http://{addr}/grpc.health.v1.Health/Check"))
+        .uri(format!("{scheme}://{addr}/grpc.health.v1.Health/Check"))
         .header(header::CONTENT_TYPE, "application/grpc")
         .header(header::TE, "trailers")
         .header(header::USER_AGENT, "strait-health-check")

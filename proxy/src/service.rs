@@ -272,7 +272,7 @@ async fn forward(
             parts.version = Version::HTTP_11;
             None
         }
-        Upstream::H2c { .. } => {
+        Upstream::H2 { .. } => {
             let host = parts
                 .headers
                 .remove(header::HOST)
@@ -391,8 +391,14 @@ async fn attempt(
     let send = async {
         match &backend.upstream {
             Upstream::Http1(client) => send_http1(client, ep.addr, req).await,
-            Upstream::H2c { connect_timeout } => {
-                ep.state.h2.send(ep.addr, *connect_timeout, req).await
+            Upstream::H2 {
+                connect_timeout,
+                tls,
+            } => {
+                ep.state
+                    .h2
+                    .send(ep.addr, *connect_timeout, tls.as_deref(), req)
+                    .await
             }
         }
     };

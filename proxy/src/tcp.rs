@@ -1,16 +1,19 @@
 //! `tcp` listeners: every accepted connection is relayed, byte for byte, to one endpoint of
-//! the listener's backend, picked by the backend's policy when the connection arrives.
+//! the listener's backend, picked by the backend's policy when the connection arrives. With
+//! `sni` rules the backend is chosen by the TLS server name first (see [`passthrough`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::health;
 use crate::listener::{accept, IdleTimeout, ListenerContext};
+use crate::passthrough::{self, HelloError, SniRoutes};
 use crate::table::{Backend, Endpoint};
 
 /// Endpoints tried for one connection before giving up; a refused or timed-out connect is
@@ -63,6 +66,12 @@ enum Outcome {
     NoEndpoints,
     ConnectFailed,
     Error,
+    /// TLS passthrough: no rule for the server name, and no default backend.
+    NoRoute,
+    /// TLS passthrough: the client's first bytes were not a TLS ClientHello.
+    NotTls,
+    /// TLS passthrough: no complete ClientHello in time.
+    HelloTimeout,
 }
 
 impl Outcome {
@@ -72,15 +81,28 @@ impl Outcome {
             Self::NoEndpoints => "no_endpoints",
             Self::ConnectFailed => "connect_failed",
             Self::Error => "error",
+            Self::NoRoute => "no_route",
+            Self::NotTls => "not_tls",
+            Self::HelloTimeout => "hello_timeout",
         }
     }
 }
 
+/// What happened to one connection, for the metric and the access log.
+struct Relayed {
+    outcome: Outcome,
+    backend: Option<Arc<Backend>>,
+    sni: Option<String>,
+    upstream: Option<SocketAddr>,
+    sent: u64,
+    received: u64,
+}
+
 async fn relay(cx: &ListenerContext, index: usize, downstream: TcpStream, client: SocketAddr) {
     let start = Instant::now();
-    // Only the backend is kept for the connection's life, not the whole table: a connection
-    // can last hours and must not pin an old generation's routes in memory.
-    let (backend, idle, access_log) = {
+    // Only the backends are kept for the connection's life, not the whole table: a
+    // connection can last hours and must not pin an old generation's routes in memory.
+    let (backend, sni, idle, access_log) = {
         let guard = cx.table.load();
         let Some(table) = guard.as_ref() else {
             return;
@@ -88,28 +110,20 @@ async fn relay(cx: &ListenerContext, index: usize, downstream: TcpStream, client
         let Some(tcp) = table.listeners.get(index).and_then(|l| l.tcp.as_ref()) else {
             return;
         };
-        (Arc::clone(&tcp.backend), tcp.idle_timeout, table.access_log)
+        (
+            tcp.backend.clone(),
+            tcp.sni.clone(),
+            tcp.idle_timeout,
+            table.access_log,
+        )
     };
-    let (outcome, upstream, sent, received) = match connect(&backend, client).await {
-        Err(outcome) => (outcome, None, 0, 0),
-        Ok((ep, upstream)) => {
-            let _in_flight = ep.state.start();
-            let mut down = IdleTimeout::new(downstream, idle);
-            let mut up = upstream;
-            match tokio::io::copy_bidirectional(&mut down, &mut up).await {
-                Ok((to_up, to_down)) => (Outcome::Closed, Some(ep.addr), to_up, to_down),
-                Err(e) => {
-                    tracing::debug!(listener = &*cx.name, %client, error = %e, "tcp relay ended with an error");
-                    (Outcome::Error, Some(ep.addr), 0, 0)
-                }
-            }
-        }
-    };
+    let r = forward(&cx.name, backend, sni, idle, downstream, client).await;
+    let backend = r.backend.as_ref().map(|b| &*b.name).unwrap_or("");
     metrics::counter!(
         crate::metrics::TCP_CONNECTIONS,
         "listener" => cx.name.to_string(),
-        "backend" => backend.name.to_string(),
-        "result" => outcome.label(),
+        "backend" => backend.to_owned(),
+        "result" => r.outcome.label(),
     )
     .increment(1);
     if access_log {
@@ -117,13 +131,94 @@ async fn relay(cx: &ListenerContext, index: usize, downstream: TcpStream, client
             target: "strait::access",
             listener = &*cx.name,
             client = %client,
-            upstream = upstream.map(tracing::field::display),
-            result = outcome.label(),
+            sni = r.sni.as_deref(),
+            backend,
+            upstream = r.upstream.map(tracing::field::display),
+            result = r.outcome.label(),
             duration_ms = start.elapsed().as_secs_f64() * 1e3,
-            bytes_sent = sent,
-            bytes_received = received,
+            bytes_sent = r.sent,
+            bytes_received = r.received,
         );
     }
+}
+
+/// Picks the backend (by SNI for TLS passthrough), connects, and relays until either side
+/// closes.
+async fn forward(
+    listener: &str,
+    default: Option<Arc<Backend>>,
+    sni: Option<Arc<SniRoutes>>,
+    idle: Duration,
+    mut downstream: TcpStream,
+    client: SocketAddr,
+) -> Relayed {
+    let mut r = Relayed {
+        outcome: Outcome::Closed,
+        backend: None,
+        sni: None,
+        upstream: None,
+        sent: 0,
+        received: 0,
+    };
+    let mut hello = Vec::new();
+    let backend = match sni {
+        None => default,
+        Some(routes) => match passthrough::read_client_hello(&mut downstream).await {
+            Ok(h) => {
+                let picked = routes.pick(h.sni.as_deref(), default.as_ref()).cloned();
+                r.sni = h.sni;
+                hello = h.bytes;
+                picked
+            }
+            Err(e) => {
+                tracing::debug!(listener, %client, error = %e, "tls passthrough: connection closed");
+                r.outcome = match e {
+                    HelloError::Timeout(_) => Outcome::HelloTimeout,
+                    HelloError::NotTls(_) | HelloError::TooLarge(_) => Outcome::NotTls,
+                    HelloError::Closed => Outcome::Closed,
+                    HelloError::Io(_) => Outcome::Error,
+                };
+                return r;
+            }
+        },
+    };
+    let Some(backend) = backend else {
+        tracing::debug!(listener, %client, sni = r.sni.as_deref(), "tls passthrough: no backend for the server name; connection closed");
+        r.outcome = Outcome::NoRoute;
+        return r;
+    };
+    r.backend = Some(Arc::clone(&backend));
+    let (ep, mut up) = match connect(&backend, client).await {
+        Ok(c) => c,
+        Err(outcome) => {
+            r.outcome = outcome;
+            return r;
+        }
+    };
+    r.upstream = Some(ep.addr);
+    let _in_flight = ep.state.start();
+    // What was read to find the server name goes first, byte for byte.
+    if !hello.is_empty() {
+        if let Err(e) = up.write_all(&hello).await {
+            tracing::debug!(listener, %client, error = %e, "tcp relay ended with an error");
+            r.outcome = Outcome::Error;
+            return r;
+        }
+        r.sent = hello.len() as u64;
+        drop(hello);
+    }
+    let mut down = IdleTimeout::new(downstream, idle);
+    match tokio::io::copy_bidirectional(&mut down, &mut up).await {
+        Ok((to_up, to_down)) => {
+            r.sent += to_up;
+            r.received = to_down;
+        }
+        Err(e) => {
+            tracing::debug!(listener, %client, error = %e, "tcp relay ended with an error");
+            r.outcome = Outcome::Error;
+        }
+    }
+    r
 }
 
 /// Connects to an endpoint of `backend`, trying another pick when a connect fails.

@@ -4,7 +4,8 @@
 //! table generations so a reload does not drop warm keep-alive connections. `h2c` backends
 //! get one multiplexed HTTP/2 connection per endpoint, held in the endpoint's state; we keep
 //! that connection ourselves so the request's `:authority` can stay the client's host while
-//! the socket goes to the endpoint's address.
+//! the socket goes to the endpoint's address. Both go over TLS when the backend has `tls`
+//! (`h2` is `h2c`'s connection over TLS).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +25,7 @@ use crate::body::ProxyBody;
 use crate::breaker::{BackendState, LimitedConnector};
 use crate::error::ProxyError;
 use crate::table::spec::{PoolSpec, UpstreamProtocol};
+use crate::upstream_tls::{TlsConnectError, UpstreamTls};
 
 /// The pooled HTTP/1.1 client.
 pub type Http1Client = Client<LimitedConnector, ProxyBody>;
@@ -31,22 +33,46 @@ pub type Http1Client = Client<LimitedConnector, ProxyBody>;
 /// How a backend's requests are sent.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// Pooled HTTP/1.1 (boxed: the client is large and backends are few).
+    /// Pooled HTTP/1.1, over TLS or not (boxed: the client is large and backends are few).
     Http1(Box<Http1Client>),
-    /// HTTP/2 prior knowledge, one connection per endpoint.
-    H2c {
-        /// TCP connect timeout.
+    /// HTTP/2, one connection per endpoint: `h2c` (prior knowledge) or `h2` (TLS with ALPN).
+    H2 {
+        /// TCP connect timeout (and TLS handshake timeout).
         connect_timeout: Duration,
+        /// TLS settings for `h2`; `None` for `h2c`.
+        tls: Option<Arc<UpstreamTls>>,
     },
 }
 
-/// Settings that identify a reusable client.
+/// Settings that identify a reusable HTTP/1.1 client. TLS is part of it, so a pool never
+/// mixes plain and TLS connections, and changed TLS settings or files get a new pool.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ClientKey {
+pub struct ClientKey {
     backend: Arc<str>,
     protocol: UpstreamProtocol,
     pool: PoolSpec,
     connect_timeout: Duration,
+    /// [`UpstreamTls::fingerprint`].
+    tls: Option<u64>,
+}
+
+impl ClientKey {
+    /// The key of a backend's HTTP/1.1 client.
+    pub fn new(
+        backend: &Arc<str>,
+        protocol: UpstreamProtocol,
+        pool: &PoolSpec,
+        connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
+    ) -> Self {
+        Self {
+            backend: Arc::clone(backend),
+            protocol,
+            pool: pool.clone(),
+            connect_timeout,
+            tls: tls.map(UpstreamTls::fingerprint),
+        }
+    }
 }
 
 /// Clients kept across table generations, keyed by backend and settings.
@@ -58,45 +84,41 @@ pub struct ClientRegistry {
 impl ClientRegistry {
     /// The upstream for a backend, reusing the previous generation's pool when the settings
     /// are unchanged.
+    /// `key` is the backend's [`ClientKey`], made from the same settings.
     pub fn get(
         &self,
-        backend: &Arc<str>,
-        protocol: UpstreamProtocol,
-        pool: &PoolSpec,
-        connect_timeout: Duration,
+        key: &ClientKey,
+        tls: Option<&Arc<UpstreamTls>>,
         state: &Arc<BackendState>,
     ) -> Upstream {
-        if protocol == UpstreamProtocol::H2c {
-            return Upstream::H2c { connect_timeout };
+        if key.protocol != UpstreamProtocol::Http1 {
+            return Upstream::H2 {
+                connect_timeout: key.connect_timeout,
+                tls: tls.cloned(),
+            };
         }
-        let key = ClientKey {
-            backend: Arc::clone(backend),
-            protocol,
-            pool: pool.clone(),
-            connect_timeout,
-        };
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let client = map.entry(key).or_insert_with(|| {
+        let client = map.entry(key.clone()).or_insert_with(|| {
             let mut conn = HttpConnector::new();
             conn.set_nodelay(true);
-            conn.set_connect_timeout(Some(connect_timeout));
+            conn.set_connect_timeout(Some(key.connect_timeout));
+            let mut connector = LimitedConnector::new(conn, Arc::clone(state));
+            if let Some(tls) = tls {
+                connector = connector.with_tls(Arc::clone(tls), key.connect_timeout);
+            }
             Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(pool.idle_timeout)
-                .pool_max_idle_per_host(pool.max_idle_per_endpoint)
-                .build(LimitedConnector::new(conn, Arc::clone(state)))
+                .pool_idle_timeout(key.pool.idle_timeout)
+                .pool_max_idle_per_host(key.pool.max_idle_per_endpoint)
+                .build(connector)
         });
         Upstream::Http1(Box::new(client.clone()))
     }
 
     /// Drops clients whose backend settings are no longer in use.
-    pub fn retain_backends(&self, live: &[(Arc<str>, UpstreamProtocol, PoolSpec, Duration)]) {
+    pub fn retain_backends(&self, live: &[ClientKey]) {
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|k, _| {
-            live.iter().any(|(b, p, pool, t)| {
-                *b == k.backend && *p == k.protocol && *pool == k.pool && *t == k.connect_timeout
-            })
-        });
+        map.retain(|k, _| live.contains(k));
     }
 }
 
@@ -128,9 +150,24 @@ pub async fn send_http1(
 /// The multiplexed HTTP/2 connection of one endpoint.
 #[derive(Debug, Default)]
 pub struct H2Slot {
-    conn: ArcSwapOption<SendRequest<ProxyBody>>,
+    conn: ArcSwapOption<H2Conn>,
     /// Serializes reconnects so a burst after a failure opens one connection, not many.
     connecting: tokio::sync::Mutex<()>,
+}
+
+/// An open HTTP/2 connection and the TLS settings it was made with.
+#[derive(Debug)]
+struct H2Conn {
+    sender: SendRequest<ProxyBody>,
+    /// [`UpstreamTls::fingerprint`], 0 for cleartext: a reload that changes the backend's
+    /// TLS settings (or `h2c` to `h2`) must not keep sending on the old connection.
+    tls: u64,
+}
+
+impl H2Conn {
+    fn usable(&self, tls: u64) -> Option<SendRequest<ProxyBody>> {
+        (self.tls == tls && !self.sender.is_closed()).then(|| self.sender.clone())
+    }
 }
 
 impl H2Slot {
@@ -138,17 +175,15 @@ impl H2Slot {
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
     ) -> Result<SendRequest<ProxyBody>, ProxyError> {
-        if let Some(s) = self.conn.load().as_deref() {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        let want = tls.map_or(0, UpstreamTls::fingerprint);
+        if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
+            return Ok(s);
         }
         let _one = self.connecting.lock().await;
-        if let Some(s) = self.conn.load().as_deref() {
-            if !s.is_closed() {
-                return Ok(s.clone());
-            }
+        if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
+            return Ok(s);
         }
         let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
             Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
@@ -161,33 +196,39 @@ impl H2Slot {
             Ok(Ok(tcp)) => tcp,
         };
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| ProxyError::Connect {
-                addr,
-                reason: root_cause(&e),
-            })?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream h2 connection closed");
+        let sender = match tls {
+            None => h2_handshake(tcp, addr).await?,
+            Some(tls) => {
+                let stream =
+                    tls.connect(tcp, addr, connect_timeout)
+                        .await
+                        .map_err(|e| match e {
+                            TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
+                            e => ProxyError::Connect {
+                                addr,
+                                reason: e.to_string(),
+                            },
+                        })?;
+                h2_handshake(stream, addr).await?
             }
-        });
-        self.conn.store(Some(Arc::new(sender.clone())));
+        };
+        self.conn.store(Some(Arc::new(H2Conn {
+            sender: sender.clone(),
+            tls: want,
+        })));
         Ok(sender)
     }
 
-    /// Sends a request on the endpoint's HTTP/2 connection, connecting when needed.
+    /// Sends a request on the endpoint's HTTP/2 connection, connecting when needed (with
+    /// TLS when `tls` is given).
     pub async fn send(
         &self,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
         req: Request<ProxyBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let mut sender = self.sender(addr, connect_timeout).await?;
+        let mut sender = self.sender(addr, connect_timeout, tls).await?;
         sender.ready().await.map_err(|e| ProxyError::Upstream {
             addr,
             reason: root_cause(&e),
@@ -200,6 +241,30 @@ impl H2Slot {
                 reason: root_cause(&e),
             })
     }
+}
+
+/// The HTTP/2 handshake on a connected (and, for `h2`, TLS) stream; the connection runs in
+/// its own task.
+async fn h2_handshake<T>(io: T, addr: SocketAddr) -> Result<SendRequest<ProxyBody>, ProxyError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| ProxyError::Connect {
+            addr,
+            reason: root_cause(&e),
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(%addr, error = %e, "upstream h2 connection closed");
+        }
+    });
+    Ok(sender)
 }
 
 fn has_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {

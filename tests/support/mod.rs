@@ -4,6 +4,7 @@
 
 pub mod dns;
 pub mod tempdir;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

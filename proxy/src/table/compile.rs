@@ -18,7 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use super::spec::{
     BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
     HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RateLimitKeySpec,
-    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, Spec, UpstreamProtocol,
+    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, SniRouteSpec, Spec,
+    UpstreamProtocol,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
@@ -31,9 +32,11 @@ use crate::health::OutlierConfig;
 use crate::https::TlsListener;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
+use crate::passthrough::SniRoutes;
 use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
-use crate::upstream::{ClientRegistry, Upstream};
+use crate::upstream::{ClientKey, ClientRegistry, Upstream};
+use crate::upstream_tls::UpstreamTls;
 
 /// Route timeout when none is configured (Envoy's default too).
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -331,22 +334,25 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
     if b.connect_timeout.is_zero() {
         cx.err(format!("{path}.connect_timeout"), "must be greater than 0s");
     }
+    let tls = compile_upstream_tls(cx, path, b, dns.as_deref());
     if cx.errors.len() > errors_before {
         return None;
     }
+    let client_key = ClientKey::new(
+        &name,
+        b.protocol,
+        &b.pool,
+        b.connect_timeout,
+        tls.as_deref(),
+    );
     let upstream = match cx.registries {
         Some(r) => {
             backend_state.set_limits(&b.circuit_breaker);
-            r.clients.get(
-                &name,
-                b.protocol,
-                &b.pool,
-                b.connect_timeout,
-                &backend_state,
-            )
+            r.clients.get(&client_key, tls.as_ref(), &backend_state)
         }
-        None => Upstream::H2c {
+        None => Upstream::H2 {
             connect_timeout: b.connect_timeout,
+            tls: tls.clone(),
         },
     };
     let connect_failures = if cx.registries.is_some() {
@@ -360,6 +366,8 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         endpoints,
         hash_key,
         upstream,
+        client_key: (b.protocol == UpstreamProtocol::Http1).then_some(client_key),
+        tls,
         connect_failures,
         connect_timeout: b.connect_timeout,
         state: backend_state,
@@ -371,6 +379,58 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         dns_answered: answer.is_none_or(|(status, _)| status.phase != Phase::Pending),
         dns,
     })
+}
+
+/// A backend's `tls` and how it fits its `protocol`. The client configuration is built (and
+/// its files read) in dry runs too, so `strait validate` catches a bad certificate.
+fn compile_upstream_tls(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    b: &BackendSpec,
+    dns: Option<&DnsName>,
+) -> Option<Arc<UpstreamTls>> {
+    let spec = match (&b.tls, b.protocol) {
+        (None, UpstreamProtocol::H2) => {
+            cx.err(
+                format!("{path}.protocol"),
+                "h2 is HTTP/2 over TLS and needs tls; for cleartext HTTP/2 use h2c",
+            );
+            return None;
+        }
+        (None, _) => return None,
+        (Some(_), UpstreamProtocol::H2c) => {
+            cx.err(
+                format!("{path}.tls"),
+                "h2c is cleartext HTTP/2; for HTTP/2 over TLS use protocol: h2",
+            );
+            return None;
+        }
+        (Some(spec), _) => spec,
+    };
+    let h2 = b.protocol == UpstreamProtocol::H2;
+    match UpstreamTls::build(spec, h2, dns.map(DnsName::host)) {
+        Ok(tls) => {
+            if spec.insecure_skip_verify && cx.registries.is_some() {
+                tracing::warn!(
+                    backend = b.name,
+                    "tls.insecure_skip_verify is set: the backend's certificates are NOT \
+                     verified, so anyone on the network path can impersonate it"
+                );
+            }
+            Some(Arc::new(tls))
+        }
+        Err(errors) => {
+            for e in errors {
+                let at = if e.field.is_empty() {
+                    format!("{path}.tls")
+                } else {
+                    format!("{path}.tls.{}", e.field)
+                };
+                cx.err(at, e.message);
+            }
+            None
+        }
+    }
 }
 
 /// Circuit breaker, outlier detection and health check settings of a backend.
@@ -455,10 +515,10 @@ fn check_resilience(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) {
                 );
             }
         }
-        if hc.grpc.is_some() && b.protocol != UpstreamProtocol::H2c {
+        if hc.grpc.is_some() && b.protocol == UpstreamProtocol::Http1 {
             cx.err(
                 format!("{hpath}.grpc"),
-                "gRPC health checks need protocol: h2c",
+                "gRPC health checks need protocol: h2c or h2",
             );
         }
         for (field, d) in [("interval", hc.interval), ("timeout", hc.timeout)] {
@@ -724,19 +784,98 @@ fn compile_tcp(
             None
         }
         (ListenerProtocol::Tcp, Some(t)) => {
+            let before = cx.errors.len();
             if t.idle_timeout.is_zero() {
                 cx.err(
                     format!("{path}.tcp.idle_timeout"),
                     "must be greater than 0s",
                 );
             }
-            let backend = known.get(cx, &format!("{path}.tcp.backend"), &t.backend)?;
-            Some(TcpForward {
+            if t.backend.is_none() && t.sni.is_none() {
+                cx.err(
+                    format!("{path}.tcp"),
+                    "a tcp listener needs backend, sni (TLS passthrough) or both",
+                );
+            }
+            let backend = t
+                .backend
+                .as_ref()
+                .and_then(|b| known.get(cx, &format!("{path}.tcp.backend"), b));
+            let sni = t
+                .sni
+                .as_ref()
+                .map(|rules| Arc::new(compile_sni(cx, &format!("{path}.tcp.sni"), rules, known)));
+            (cx.errors.len() == before).then_some(TcpForward {
                 backend,
+                sni,
                 idle_timeout: t.idle_timeout,
             })
         }
     }
+}
+
+/// TLS passthrough rules: each host once, DNS names or one-label wildcards only (a
+/// ClientHello carries no IP address, and `*` is what the default backend is for).
+fn compile_sni(
+    cx: &mut Ctx<'_>,
+    path: &str,
+    rules: &[SniRouteSpec],
+    known: &Known<'_>,
+) -> SniRoutes {
+    let mut routes = SniRoutes::default();
+    if rules.is_empty() {
+        cx.err(
+            path,
+            "give at least one {hosts, backend} rule, or remove sni",
+        );
+    }
+    // By the host as normalized (lowercase), so `A.example` and `a.example` collide.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for (i, rule) in rules.iter().enumerate() {
+        let rpath = format!("{path}[{i}]");
+        let backend = known.get(cx, &format!("{rpath}.backend"), &rule.backend);
+        if rule.hosts.is_empty() {
+            cx.err(format!("{rpath}.hosts"), "list at least one server name");
+        }
+        for (j, h) in rule.hosts.iter().enumerate() {
+            let hpath = format!("{rpath}.hosts[{j}]");
+            let host = match parse_host(h) {
+                Err(e) => {
+                    cx.err(hpath, e);
+                    continue;
+                }
+                Ok(HostMatch::Any) => {
+                    cx.err(
+                        hpath,
+                        "* matches any name: use tcp.backend for connections no rule takes",
+                    );
+                    continue;
+                }
+                Ok(_) if h.parse::<std::net::IpAddr>().is_ok() => {
+                    cx.err(
+                        hpath,
+                        format!("{h:?} is an IP address; TLS clients send only DNS names in SNI"),
+                    );
+                    continue;
+                }
+                Ok(host) => host,
+            };
+            let key = match &host {
+                HostMatch::Wildcard(suffix) => format!("*.{suffix}"),
+                HostMatch::Exact(name) => name.clone(),
+                HostMatch::Any => continue,
+            };
+            if let Some(first) = seen.get(&key) {
+                cx.err(hpath, format!("{h:?} is already routed by {path}[{first}]"));
+                continue;
+            }
+            seen.insert(key, i);
+            if let Some(b) = &backend {
+                routes.insert(&host, b);
+            }
+        }
+    }
+    routes
 }
 
 fn compile_match(

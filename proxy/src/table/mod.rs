@@ -22,7 +22,8 @@ use crate::names::{DnsName, NameStatus};
 use crate::rate_limit::RouteRateLimit;
 use crate::router::Router;
 use crate::table::spec::{CircuitBreakerSpec, HealthCheckSpec};
-use crate::upstream::Upstream;
+use crate::upstream::{ClientKey, Upstream};
+use crate::upstream_tls::UpstreamTls;
 
 pub use compile::{compile, CompileError, Registries};
 
@@ -155,8 +156,11 @@ pub struct RetryPolicy {
 /// Where a `tcp` listener relays connections.
 #[derive(Debug)]
 pub struct TcpForward {
-    /// The backend.
-    pub backend: Arc<Backend>,
+    /// The backend; with `sni`, the one for names no rule lists.
+    pub backend: Option<Arc<Backend>>,
+    /// TLS passthrough rules by server name (an `Arc`: a connection holds them while it
+    /// reads the ClientHello, not the whole table).
+    pub sni: Option<Arc<crate::passthrough::SniRoutes>>,
     /// Close connections idle this long.
     pub idle_timeout: Duration,
 }
@@ -293,6 +297,11 @@ pub struct Backend {
     pub hash_key: Option<HashKey>,
     /// How requests are sent.
     pub upstream: Upstream,
+    /// The key of its pooled HTTP/1.1 client (`http1` backends), so the publisher can drop
+    /// clients no table uses.
+    pub client_key: Option<ClientKey>,
+    /// TLS to the endpoints, when the backend has `tls`.
+    pub tls: Option<Arc<UpstreamTls>>,
     /// Connect failures counter.
     pub connect_failures: metrics::Counter,
     /// TCP connect timeout.

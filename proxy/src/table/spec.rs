@@ -47,6 +47,14 @@ impl Spec {
             }
             files.extend(tls.client_auth.as_ref().map(|a| a.ca.as_str()));
         }
+        for tls in self.backends.iter().filter_map(|b| b.tls.as_ref()) {
+            files.extend(
+                [&tls.ca, &tls.client_cert, &tls.client_key]
+                    .into_iter()
+                    .flatten()
+                    .map(String::as_str),
+            );
+        }
         let mut files: Vec<std::path::PathBuf> = files.into_iter().map(Into::into).collect();
         files.sort();
         files.dedup();
@@ -307,13 +315,29 @@ pub struct HstsSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TcpForwardSpec {
-    /// Backend name; each connection goes to one of its endpoints.
-    pub backend: String,
+    /// Backend name; each connection goes to one of its endpoints. With `sni`, the backend
+    /// for connections whose server name no entry lists (optional then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// TLS passthrough: pick the backend by the server name (SNI) of the client's TLS
+    /// ClientHello, without terminating TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<Vec<SniRouteSpec>>,
     /// A connection on which no byte moves in either direction for this long is closed.
     /// Database and message-queue clients keep idle connections for long, so the default is
     /// long too (Envoy's TCP proxy also uses one hour).
     #[serde(default = "default_tcp_idle_timeout", with = "duration")]
     pub idle_timeout: Duration,
+}
+
+/// One TLS passthrough rule: connections whose SNI is one of `hosts` go to `backend`.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SniRouteSpec {
+    /// Server names: exact (`db.example.com`) or a one-label wildcard (`*.example.com`).
+    pub hosts: Vec<String>,
+    /// Backend name.
+    pub backend: String,
 }
 
 fn default_tcp_idle_timeout() -> Duration {
@@ -553,9 +577,12 @@ pub struct BackendSpec {
     /// Protocol spoken to the endpoints.
     #[serde(default)]
     pub protocol: UpstreamProtocol,
-    /// TCP connect timeout.
+    /// TCP connect timeout; it bounds the TLS handshake too (separately).
     #[serde(default = "default_connect_timeout", with = "duration")]
     pub connect_timeout: Duration,
+    /// TLS to the endpoints (`http1` and `h2`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTlsSpec>,
     /// Keep-alive pool limits.
     #[serde(default)]
     pub pool: PoolSpec,
@@ -912,11 +939,38 @@ pub enum HashSource {
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
-    /// HTTP/1.1 with keep-alive pooling.
+    /// HTTP/1.1 with keep-alive pooling (over TLS when the backend has `tls`).
     #[default]
     Http1,
     /// HTTP/2 cleartext with prior knowledge; one multiplexed connection per endpoint.
     H2c,
+    /// HTTP/2 over TLS, agreed with ALPN; one multiplexed connection per endpoint. Needs `tls`.
+    H2,
+}
+
+/// TLS from Strait to a backend's endpoints.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq, Eq, Hash)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsSpec {
+    /// The server name sent in SNI and checked against the certificate. Default: the host
+    /// name of a `dns` backend; required for `endpoints` (addresses carry no name) unless
+    /// `insecure_skip_verify` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    /// PEM file of the CA certificates that may sign the endpoints' certificates. Absent:
+    /// the operating system's trusted roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<String>,
+    /// PEM certificate chain Strait presents to the endpoints (mutual TLS); with `client_key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<String>,
+    /// Accept any certificate from the endpoints: no chain and no name check. Anyone on
+    /// the path can then read and change the traffic. Logged as a warning at every load.
+    #[serde(default)]
+    pub insecure_skip_verify: bool,
 }
 
 /// Keep-alive pool limits per endpoint.
