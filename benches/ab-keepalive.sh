@@ -28,12 +28,6 @@ pids=()
 # shellcheck source=benches/lib.sh
 . "$root/benches/lib.sh"
 
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
 
 [ -x "$bin" ] || die "build first: cargo build --release --locked"
 need nginx wrk curl

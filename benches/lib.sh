@@ -1,7 +1,14 @@
 # Shared by the comparison scripts in benches/: sourced, not run.
 #
 # Needs $work (a scratch directory) and the array pids (processes to stop on exit) set by the
-# caller, which also installs the cleanup trap.
+# caller before sourcing; stops them and removes $work on exit.
+
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 die() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; exit 2; }
 

@@ -255,17 +255,8 @@ async fn grpc_stream_survives_a_table_swap() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
 
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("svc", tonic_health::ServingStatus::Serving)
-        .await;
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = l.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)),
-    );
+    let (grpc_addr, reporter) =
+        grpc_health_server("svc", Some(tonic_health::ServingStatus::Serving)).await;
     let yaml = |policy: &str| forward_all(policy, "protocol: h2c", &[format!("\"{grpc_addr}\"")]);
     let mut proxy = TestProxy::start(&yaml("round_robin")).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.addr))

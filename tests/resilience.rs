@@ -307,8 +307,8 @@ async fn grpc_status_is_retried() {
 
     // Two gRPC servers; only the second knows the service, so the first answers NOT_FOUND
     // (tonic sends it in trailers after empty headers, which Strait reads before deciding).
-    let (unknown, _r1) = grpc_health_server(None).await;
-    let (known, _r2) = grpc_health_server(Some(ServingStatus::Serving)).await;
+    let (unknown, _r1) = grpc_health_server("shop.Cart", None).await;
+    let (known, _r2) = grpc_health_server("shop.Cart", Some(ServingStatus::Serving)).await;
     let yaml = format!(
         "access_log: {{enabled: false}}
 listeners:
@@ -345,25 +345,6 @@ backends:
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }
-}
-
-/// A tonic gRPC server with the standard health service on 127.0.0.1; `shop.Cart` has
-/// `status` (`None`: unknown to it, so `Check` answers NOT_FOUND). The reporter changes it.
-async fn grpc_health_server(
-    status: Option<ServingStatus>,
-) -> (std::net::SocketAddr, tonic_health::server::HealthReporter) {
-    let (reporter, service) = tonic_health::server::health_reporter();
-    if let Some(s) = status {
-        reporter.set_service_status("shop.Cart", s).await;
-    }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-    );
-    (addr, reporter)
 }
 
 /// Whether endpoint `addr` of the first backend passes its active health checks.
@@ -449,7 +430,7 @@ async fn tcp_health_checks_keep_traffic_off_a_dead_endpoint() {
 
 #[tokio::test]
 async fn grpc_health_checks_follow_the_serving_status() {
-    let (addr, reporter) = grpc_health_server(Some(ServingStatus::NotServing)).await;
+    let (addr, reporter) = grpc_health_server("shop.Cart", Some(ServingStatus::NotServing)).await;
     let other = Upstream::start("other").await;
     let yaml = format!(
         "access_log: {{enabled: false}}

@@ -228,17 +228,8 @@ async fn alpn_negotiates_h2_and_tls_below_1_2_is_refused() {
 
 #[tokio::test]
 async fn grpc_over_tls_reaches_an_h2c_backend() {
-    let (reporter, service) = tonic_health::server::health_reporter();
-    reporter
-        .set_service_status("shop.Cart", tonic_health::ServingStatus::Serving)
-        .await;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(grpc)),
-    );
+    let (grpc_addr, _reporter) =
+        grpc_health_server("shop.Cart", Some(tonic_health::ServingStatus::Serving)).await;
     let ca = Ca::new("tls-grpc");
     ca.issue("a", &["localhost"]);
     let yaml = format!(

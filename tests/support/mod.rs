@@ -494,3 +494,23 @@ impl Binary {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 }
+
+/// A tonic gRPC server with the standard health service on 127.0.0.1; `service` has
+/// `status` (`None`: unknown to it, so `Check` answers NOT_FOUND). The reporter changes it.
+pub async fn grpc_health_server(
+    service_name: &str,
+    status: Option<tonic_health::ServingStatus>,
+) -> (SocketAddr, tonic_health::server::HealthReporter) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    if let Some(s) = status {
+        reporter.set_service_status(service_name, s).await;
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (addr, reporter)
+}
