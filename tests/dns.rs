@@ -141,8 +141,8 @@ async fn records_follow_the_ttl_but_never_faster_than_the_floor() {
     )
     .await;
     assert!(
-        added.elapsed() < Duration::from_secs(5),
-        "seen at the next refresh"
+        added.elapsed() < Duration::from_secs(8),
+        "seen within a refresh or two (2 s floor), with room for a loaded machine"
     );
 
     dns.set_a("web.strait.test.", &addrs[1..], 1);
@@ -191,7 +191,7 @@ async fn refresh_waits_for_the_ttl() {
     for w in starts.windows(2) {
         let gap = w[1] - w[0];
         assert!(
-            gap >= Duration::from_millis(2800) && gap < Duration::from_millis(4500),
+            gap >= Duration::from_millis(2800) && gap < Duration::from_secs(6),
             "TTL 3s drives the refresh, got {gap:?}"
         );
     }

@@ -55,7 +55,7 @@ async fn get_n(p: &TestProxy, n: usize) -> Vec<Reply> {
 
 const OUTLIER: &str = "    outlier_detection:
       consecutive_5xx: 3
-      base_ejection_time: 400ms
+      base_ejection_time: 1500ms
       max_ejection_percent: 50";
 
 #[tokio::test]
@@ -158,7 +158,7 @@ async fn a_table_swap_keeps_ejections() {
 
 #[tokio::test]
 async fn max_requests_fails_fast_with_the_breaker_named() {
-    let slow = Upstream::start_with_delay("slow", Duration::from_millis(600)).await;
+    let slow = Upstream::start_with_delay("slow", Duration::from_secs(2)).await;
     let cb = "    circuit_breaker: {max_requests: 2}";
     let p = TestProxy::start(&config(&[&slow], cb, "")).await;
     let c = client();
@@ -181,8 +181,8 @@ async fn max_requests_fails_fast_with_the_breaker_named() {
                 assert_eq!(r.header("x-strait-error"), "circuit-open");
                 assert_eq!(r.header("x-strait-circuit-breaker"), "max_requests");
                 assert!(
-                    at - started < Duration::from_millis(500),
-                    "rejected at once, not after queueing"
+                    at - started < Duration::from_millis(1500),
+                    "rejected at once, not after queueing behind the 2 s answers"
                 );
             }
             s => panic!("unexpected {s}"),
@@ -194,8 +194,10 @@ async fn max_requests_fails_fast_with_the_breaker_named() {
 
 #[tokio::test]
 async fn pending_requests_past_max_connections_are_bounded() {
-    let slow = Upstream::start_with_delay("slow", Duration::from_millis(300)).await;
-    let cb = "    circuit_breaker: {max_connections: 1, max_pending_requests: 2}";
+    // Long answers, so all 8 requests arrive while the first holds the only connection; a
+    // long connect timeout, so the two waiting requests do not give up on the slot.
+    let slow = Upstream::start_with_delay("slow", Duration::from_millis(800)).await;
+    let cb = "    connect_timeout: 10s\n    circuit_breaker: {max_connections: 1, max_pending_requests: 2}";
     let p = TestProxy::start(&config(&[&slow], cb, "")).await;
     let c = client();
     let tasks: Vec<_> = (0..8)
@@ -467,4 +469,33 @@ backends:
     .await;
     // The HTTP/1.1-only upstream cannot answer a gRPC check: it never becomes healthy.
     assert!(!healthy(&p, other.addr));
+}
+
+#[tokio::test]
+async fn a_connect_waits_for_a_slot_at_most_the_connect_timeout() {
+    let a = Upstream::start_with_delay("a", Duration::from_secs(2)).await;
+    let b = Upstream::start_with_delay("b", Duration::from_secs(2)).await;
+    let cb = "    connect_timeout: 300ms\n    circuit_breaker: {max_connections: 1}";
+    let p = TestProxy::start(&config(&[&a, &b], cb, "")).await;
+    let c = client();
+    // The first request holds the only connection for 2 s...
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), p.url("/"));
+        async move { get(&c, &url).await }
+    });
+    eventually(
+        Duration::from_secs(5),
+        "the first request is upstream",
+        || async { a.hits() + b.hits() == 1 },
+    )
+    .await;
+    // ...so the second, for the other endpoint, finds no connection slot within its
+    // connect timeout.
+    let started = std::time::Instant::now();
+    let r = get(&c, &p.url("/")).await;
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.header("x-strait-circuit-breaker"), "max_connections");
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    assert_eq!(a.hits() + b.hits(), 1);
+    assert_eq!(first.await.unwrap().status, 200);
 }

@@ -400,3 +400,50 @@ async fn a_rotated_certificate_serves_new_connections_while_old_ones_stay() {
     .await;
     assert_eq!(open_connection(addr, &ca, "a.test").await.0, v2);
 }
+
+// curl blocks this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_without_mtls_cannot_reach_an_mtls_host() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-misdirected");
+    ca.issue("open", &["open.test"]);
+    ca.issue("secure", &["secure.test"]);
+    let tls = format!(
+        "      certificates:
+        - {{cert: {}, key: {}}}
+        - {{cert: {}, key: {}, client_auth: {{ca: {}}}}}",
+        ca.path("open.pem"),
+        ca.path("open-key.pem"),
+        ca.path("secure.pem"),
+        ca.path("secure-key.pem"),
+        ca.ca_path().display()
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    // SNI open.test (no client certificate asked), then Host: secure.test.
+    let (headers, ok) = curl(
+        &b,
+        &ca,
+        "open.test",
+        &["-H", "host: secure.test", "-D", "-", "-o", "/dev/null"],
+    );
+    assert!(ok, "{headers}");
+    assert!(headers.starts_with("HTTP/2 421"), "{headers}");
+    assert!(headers.contains("x-strait-error: misdirected"), "{headers}");
+    // On the open name, a client-sent identity header never reaches the upstream.
+    let (headers, ok) = curl(
+        &b,
+        &ca,
+        "open.test",
+        &[
+            "-H",
+            "x-client-identity: forged",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ],
+    );
+    assert!(ok && headers.starts_with("HTTP/2 200"), "{headers}");
+    assert!(!headers.contains("x-seen-identity"), "{headers}");
+}

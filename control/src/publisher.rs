@@ -38,10 +38,17 @@ impl Publisher {
 
     /// Validates, compiles and publishes `spec`. On error the table in force is unchanged.
     pub fn publish(&mut self, spec: Spec, source: &str) -> Result<u64, Vec<CompileError>> {
+        // The serve loop (HTTP or TCP) is chosen when a listener starts: its protocol is as
+        // fixed as its address.
         let mut listeners: Vec<(String, String)> = spec
             .listeners
             .iter()
-            .map(|l| (l.name.clone(), l.address.clone()))
+            .map(|l| {
+                (
+                    l.name.clone(),
+                    format!("{} ({:?})", l.address, l.protocol).to_lowercase(),
+                )
+            })
             .collect();
         listeners.sort();
         if let Some(running) = &self.listeners {

@@ -16,6 +16,9 @@ use crate::source::file;
 /// Editors and `kubectl` write files in several steps; wait this long after the last change.
 pub const DEBOUNCE: Duration = Duration::from_millis(200);
 
+/// Wait before trying again a rebuild that failed.
+const REBUILD_RETRY: Duration = Duration::from_secs(1);
+
 /// Counts a configuration load in [`strait_proxy::metrics::CONFIG_RELOADS`].
 pub fn count(success: bool) {
     let result = if success { "success" } else { "failure" };
@@ -62,6 +65,8 @@ pub struct Reloader {
     /// Directories watched (the config's, and those of `files`).
     watched: HashSet<PathBuf>,
     changes: mpsc::Receiver<()>,
+    /// The last rebuild for a DNS change failed and is to be tried again.
+    rebuild_failed: bool,
     watcher: Option<notify::RecommendedWatcher>,
     hup: Option<tokio::signal::unix::Signal>,
 }
@@ -105,6 +110,7 @@ impl Reloader {
             files,
             watched: HashSet::new(),
             changes,
+            rebuild_failed: false,
             watcher,
             hup,
         };
@@ -138,11 +144,17 @@ impl Reloader {
     }
 
     fn reload(&mut self) {
-        if let Some(files) = reload(&self.path, &mut self.publisher) {
-            self.files = files;
-            self.watch_dirs();
-        }
+        // Taken before reading, so a file that changes while the reload reads it (a key
+        // written just after its certificate) makes the next check differ and reload again.
         self.last = self.digest();
+        if let Some(files) = reload(&self.path, &mut self.publisher) {
+            if files != self.files {
+                self.files = files;
+                self.watch_dirs();
+                // The digest covers other files now; compare against them from here on.
+                self.last = self.digest();
+            }
+        }
     }
 
     /// The config file's content and every referenced file's, so a rotated certificate
@@ -175,16 +187,26 @@ impl Reloader {
                     tracing::info!("SIGHUP: reloading configuration");
                     self.reload();
                 }
-                () = self.publisher.dns_changed() => {
-                    match self.publisher.rebuild() {
-                        Ok(generation) => tracing::info!(generation, "table rebuilt with new DNS answers"),
-                        // The configuration compiled before; only a bug gets here.
-                        Err(errors) => for e in errors {
-                            tracing::error!(error = %e, "rebuild after a DNS change failed; keeping the running table");
-                        },
-                    }
-                }
+                () = self.publisher.dns_changed() => self.rebuild(),
+                // A rebuild re-reads certificate files, which may be half-rotated: retry
+                // until one goes through, or the DNS change would be lost.
+                () = tokio::time::sleep(REBUILD_RETRY), if self.rebuild_failed => self.rebuild(),
                 () = &mut shutdown => return,
+            }
+        }
+    }
+
+    fn rebuild(&mut self) {
+        match self.publisher.rebuild() {
+            Ok(generation) => {
+                self.rebuild_failed = false;
+                tracing::info!(generation, "table rebuilt with new DNS answers");
+            }
+            Err(errors) => {
+                self.rebuild_failed = true;
+                for e in errors {
+                    tracing::error!(error = %e, retry_in = ?REBUILD_RETRY, "rebuild after a DNS change failed; keeping the running table");
+                }
             }
         }
     }

@@ -33,7 +33,14 @@ pub enum Breaker {
     MaxPendingRequests,
     /// `max_retries` or the retry budget (the retry is skipped, not the request).
     MaxRetries,
+    /// `max_connections`: no connection slot freed up within the connect timeout.
+    MaxConnections,
 }
+
+/// A connect that found every connection slot taken for its whole connect timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("circuit breaker max_connections: no connection slot within the connect timeout")]
+pub struct ConnectionLimit;
 
 impl Breaker {
     /// The threshold's name as configured.
@@ -42,6 +49,7 @@ impl Breaker {
             Self::MaxRequests => "max_requests",
             Self::MaxPendingRequests => "max_pending_requests",
             Self::MaxRetries => "max_retries",
+            Self::MaxConnections => "max_connections",
         }
     }
 }
@@ -155,13 +163,14 @@ impl BackendState {
     }
 }
 
-/// Increments `counter` unless it has reached `max`.
+/// Increments `counter` unless it has reached `max`. One `fetch_add` (undone on overflow)
+/// rather than a compare-and-swap loop, which would retry under contention on every request.
 fn take(counter: &AtomicU32, max: u32) -> bool {
-    counter
-        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-            (n < max).then_some(n + 1)
-        })
-        .is_ok()
+    if counter.fetch_add(1, Ordering::Relaxed) < max {
+        return true;
+    }
+    counter.fetch_sub(1, Ordering::Relaxed);
+    false
 }
 
 /// A request (or retry) counted against its backend's thresholds until dropped.
@@ -227,15 +236,20 @@ pub struct LimitedConnector {
     state: Arc<BackendState>,
     /// TLS settings and the handshake timeout.
     tls: Option<(Arc<UpstreamTls>, Duration)>,
+    /// Longest wait for a connection slot.
+    wait: Duration,
 }
 
 impl LimitedConnector {
     /// Wraps `inner`, counting its connections against `state`.
-    pub fn new(inner: HttpConnector, state: Arc<BackendState>) -> Self {
+    /// Waiting for a connection slot is bounded by `wait` (the backend's connect timeout):
+    /// idle pooled connections hold slots too, and a wait must not outlive its request.
+    pub fn new(inner: HttpConnector, state: Arc<BackendState>, wait: Duration) -> Self {
         Self {
             inner,
             state,
             tls: None,
+            wait,
         }
     }
 
@@ -260,8 +274,11 @@ impl tower_service::Service<Uri> for LimitedConnector {
         let mut inner = self.inner.clone();
         let state = Arc::clone(&self.state);
         let tls = self.tls.clone();
+        let wait = self.wait;
         Box::pin(async move {
-            let slot = state.connection_slot().await;
+            let slot = tokio::time::timeout(wait, state.connection_slot())
+                .await
+                .map_err(|_| ConnectionLimit)?;
             let io = inner.call(uri).await?;
             let io = match tls {
                 None => Io::Plain(io),

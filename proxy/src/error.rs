@@ -73,6 +73,10 @@ pub enum ProxyError {
         /// Seconds until the request's bucket has a token again.
         retry_after: u64,
     },
+    /// The request's host is served under other TLS client-certificate settings than the
+    /// connection was made with (a connection reused across names).
+    #[error("host {0:?} needs its own TLS connection")]
+    Misdirected(String),
     /// A bug: the request handler panicked.
     #[error("internal error")]
     Internal,
@@ -88,6 +92,7 @@ impl ProxyError {
             Self::Connect { .. } | Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::ConnectTimeout { .. } | Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Self::Misdirected(_) => StatusCode::MISDIRECTED_REQUEST,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -104,6 +109,7 @@ impl ProxyError {
             Self::Timeout { .. } => "upstream-timeout",
             Self::Upstream { .. } => "upstream-failed",
             Self::RateLimited { .. } => "rate-limited",
+            Self::Misdirected(_) => "misdirected",
             Self::Internal => "internal",
         })
     }

@@ -191,6 +191,14 @@ impl Health {
         if !took {
             return false;
         }
+        // A long healthy spell since the last ejection starts a new streak.
+        let returned = self.returned_at.load(Ordering::Relaxed);
+        if returned != 0 && now.saturating_sub(returned) > cfg.max_ns {
+            self.ejections.store(0, Ordering::Relaxed);
+        }
+        // The end time is written before the flag, so no request sees the flag with a stale
+        // (already passed) end time and probes at once.
+        self.extend(cfg, now);
         let prev = self.flags.fetch_or(EJECTED, Ordering::AcqRel);
         if prev & EJECTED != 0 {
             // Another request ejected it first.
@@ -200,13 +208,15 @@ impl Health {
         if prev == 0 {
             self.backend.unavailable.fetch_add(1, Ordering::AcqRel);
         }
-        // A long healthy spell since the last ejection starts a new streak.
-        let returned = self.returned_at.load(Ordering::Relaxed);
-        if returned != 0 && now.saturating_sub(returned) > cfg.max_ns {
-            self.ejections.store(0, Ordering::Relaxed);
-        }
-        self.extend(cfg, now);
         true
+    }
+
+    /// Ends an ejection whatever its state: outlier detection was turned off, and nothing
+    /// else would ever bring the endpoint back.
+    pub fn clear_ejection(&self) {
+        if self.is_ejected() {
+            self.restore(crate::endpoint::clock_ns());
+        }
     }
 
     /// Starts (or restarts, after a failed probe) an ejection of the streak's length.

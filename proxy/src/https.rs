@@ -23,6 +23,11 @@ use crate::tls::{self, SniMap, SniResolver};
 #[derive(Debug)]
 pub struct TlsListener {
     sites: SniMap<Arc<Site>>,
+    /// More than one client-auth setting: a request's host must belong to its connection's.
+    multi_site: bool,
+    /// Every identity header configured on the listener: removed from every request, so a
+    /// client cannot bring its own on a connection that did not verify one.
+    pub identity_headers: Vec<HeaderName>,
     /// `Strict-Transport-Security` for every response, when configured.
     pub hsts: Option<HeaderValue>,
 }
@@ -30,6 +35,7 @@ pub struct TlsListener {
 /// The certificates that share one client-authentication setting, and that setting.
 #[derive(Debug)]
 struct Site {
+    id: usize,
     config: Arc<ServerConfig>,
     identity_header: Option<HeaderName>,
 }
@@ -44,6 +50,8 @@ pub struct Accepted<IO> {
     /// The header for the client identity and its value, when client certificates are
     /// configured for the name the client asked for (`None` value: no certificate given).
     pub identity: Option<(HeaderName, Option<HeaderValue>)>,
+    /// Which client-auth setting the connection was made under.
+    pub site: usize,
 }
 
 /// A TLS setting that cannot be used, with the config field (relative to `tls`) it is in.
@@ -140,7 +148,7 @@ impl TlsListener {
         let mut sites = SniMap::default();
         let mut built = Vec::new();
         for (g, (auth, resolver, names)) in groups.into_iter().enumerate() {
-            let site = match site(versions, auth, resolver, &alpn) {
+            let site = match site(g, versions, auth, resolver, &alpn) {
                 Ok(s) => Arc::new(s),
                 Err(e) => {
                     err(e.field, e.message);
@@ -160,7 +168,24 @@ impl TlsListener {
         if !errors.is_empty() {
             return Err(errors);
         }
-        Ok(Self { sites, hsts })
+        let mut identity_headers: Vec<HeaderName> = built
+            .iter()
+            .filter_map(|(_, s)| s.identity_header.clone())
+            .collect();
+        identity_headers.dedup();
+        Ok(Self {
+            sites,
+            multi_site: built.len() > 1,
+            identity_headers,
+            hsts,
+        })
+    }
+
+    /// Whether a request for `host` may be served on a connection made under `site`: with
+    /// several client-auth settings, a connection verified (or not) for one name must not
+    /// serve another name that is configured differently. Such requests get 421.
+    pub fn allows(&self, site: usize, host: &str) -> bool {
+        !self.multi_site || self.sites.find(Some(host)).is_none_or(|s| s.id == site)
     }
 
     /// Runs the handshake on `io`, with the configuration for the name in the ClientHello.
@@ -184,11 +209,16 @@ impl TlsListener {
                 .and_then(identity);
             (h.clone(), value)
         });
-        Ok(Accepted { stream, identity })
+        Ok(Accepted {
+            stream,
+            identity,
+            site: site.id,
+        })
     }
 }
 
 fn site(
+    id: usize,
     versions: &[&'static rustls::SupportedProtocolVersion],
     auth: Option<&ClientAuthSpec>,
     resolver: SniResolver,
@@ -224,6 +254,7 @@ fn site(
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = alpn.to_vec();
     Ok(Site {
+        id,
         config: Arc::new(config),
         identity_header,
     })

@@ -116,7 +116,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
             client,
             client_ip: crate::headers::ip_header_value(client.ip()),
             scheme: "http",
-            identity: None,
+            tls: None,
             hsts: None,
         };
         // The drain waits for this watcher: a connection still in its TLS handshake counts.
@@ -144,7 +144,11 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
                         Ok(Ok(accepted)) => {
                             let cx = ConnContext {
                                 scheme: "https",
-                                identity: accepted.identity,
+                                tls: Some(crate::service::ConnTls {
+                                    listener: Arc::clone(&tls),
+                                    site: accepted.site,
+                                    identity: accepted.identity,
+                                }),
                                 hsts: tls.hsts.clone(),
                                 ..conn_cx
                             };

@@ -43,12 +43,22 @@ pub struct ConnContext {
     pub client_ip: HeaderValue,
     /// `http` or `https`, for `X-Forwarded-Proto` and redirects that keep the scheme.
     pub scheme: &'static str,
-    /// For mTLS listeners: the identity header and the client certificate's identity
-    /// (`None` when the client sent no certificate). A client-sent header of that name is
-    /// always replaced.
-    pub identity: Option<(http::HeaderName, Option<HeaderValue>)>,
+    /// For connections on `https` listeners: the listener's TLS settings and what the
+    /// handshake established.
+    pub tls: Option<ConnTls>,
     /// `Strict-Transport-Security` for every response (HTTPS listeners with `hsts`).
     pub hsts: Option<HeaderValue>,
+}
+
+/// What a TLS handshake established for a connection.
+#[derive(Debug)]
+pub struct ConnTls {
+    /// The listener's TLS settings at handshake time.
+    pub listener: Arc<crate::https::TlsListener>,
+    /// The client-auth setting (site) the connection was made under.
+    pub site: usize,
+    /// The identity header of that site and the client certificate's identity.
+    pub identity: Option<(http::HeaderName, Option<HeaderValue>)>,
 }
 
 /// Handles one request. Never fails: errors become responses, and a panic becomes a 500
@@ -107,6 +117,12 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
             &mut buf,
         );
+        if let Some(tls) = &cx.tls {
+            if !tls.listener.allows(tls.site, h) {
+                let err = ProxyError::Misdirected(h.to_owned());
+                return error_response(&err, req.version()).map(ObservedBody::bare);
+            }
+        }
         let route = if bad_path {
             None
         } else {
@@ -240,9 +256,11 @@ async fn forward(
         cx.scheme,
         done.host.as_ref(),
     );
-    if let Some((name, identity)) = &cx.identity {
-        parts.headers.remove(name);
-        if let Some(v) = identity {
+    if let Some(tls) = &cx.tls {
+        for name in &tls.listener.identity_headers {
+            parts.headers.remove(name);
+        }
+        if let Some((name, Some(v))) = &tls.identity {
             parts.headers.insert(name.clone(), v.clone());
         }
     }
@@ -262,6 +280,12 @@ async fn forward(
     // HTTP/2 carries the host in :authority; a Host header that differs from it makes the
     // request malformed (RFC 9113 section 8.3.1). A route's Host rewrite has been applied to
     // the headers by now, so it wins over the client's host.
+    // HTTP/2 sends the scheme as :scheme: https when the upstream connection is TLS. The
+    // pooled HTTP/1.1 client keys its pool by scheme, and its connector adds TLS itself.
+    let scheme = match &backend.upstream {
+        Upstream::H2 { tls: Some(_), .. } => Scheme::HTTPS,
+        _ => Scheme::HTTP,
+    };
     let h2_authority = match &backend.upstream {
         Upstream::Http1(_) => {
             if !parts.headers.contains_key(header::HOST) {
@@ -308,7 +332,7 @@ async fn forward(
         last = Some(i);
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
-        let Some(upstream_req) = sendable.next(ep, h2_authority.as_ref()) else {
+        let Some(upstream_req) = sendable.next(ep, h2_authority.as_ref(), scheme.clone()) else {
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();
@@ -316,8 +340,10 @@ async fn forward(
             .await
             .map(|r| r.map(ProxyBody::Upstream));
         if let (Ok(r), Some(p)) = (&mut result, policy) {
-            if !p.grpc_statuses.is_empty() {
-                if let Err(e) = read_grpc_status(r, ep, deadline).await {
+            // Worth reading ahead only when a gRPC failure could still be retried.
+            let could_retry = retries < p.retries && sendable.replays() && may_retry_status;
+            if could_retry && !p.grpc_statuses.is_empty() {
+                if let Err(e) = read_grpc_status(r, ep, p.per_try_timeout).await {
                     result = Err(e);
                 }
             }
@@ -428,10 +454,13 @@ async fn attempt(
         }
         None => send.await,
     };
-    if let Err(e) = &result {
-        if e.is_connect_failure() {
-            backend.connect_failures.increment(1);
+    match &result {
+        Err(e) if e.is_connect_failure() => backend.connect_failures.increment(1),
+        // `max_connections` is found out by the connector, during the attempt.
+        Err(ProxyError::CircuitOpen(b)) => {
+            breaker_open(backend, *b);
         }
+        _ => {}
     }
     result
 }
@@ -533,12 +562,13 @@ fn is_retryable_response(r: &Response<ProxyBody>, p: &RetryPolicy) -> bool {
 
 /// For a gRPC response without `grpc-status` in its headers, reads the first frame: either a
 /// message (the call went through: nothing to retry) or the trailers with the status. A
-/// call that fails before any message is retried like a trailers-only response. The read
-/// is bounded by the route timeout; the frame is passed on as it was.
+/// call that fails before any message is retried like a trailers-only response. The frame
+/// is passed on as it was. A stream whose first message is slow is not an error: after
+/// `wait` (the per-try timeout, if any) the response goes on unread, as it came.
 async fn read_grpc_status(
     resp: &mut Response<ProxyBody>,
     ep: &Endpoint,
-    deadline: Option<(tokio::time::Instant, Duration)>,
+    wait: Option<Duration>,
 ) -> Result<(), ProxyError> {
     use http_body_util::BodyExt as _;
     let grpc = resp
@@ -553,14 +583,15 @@ async fn read_grpc_status(
         *resp.body_mut() = body;
         return Ok(());
     };
-    let first = match deadline {
-        Some((at, timeout)) => tokio::time::timeout_at(at, body.frame())
-            .await
-            .map_err(|_| ProxyError::Timeout {
-                addr: ep.addr,
-                timeout,
-                per_try: false,
-            })?,
+    let first = match wait {
+        // Reading a frame is cancel-safe: on timeout nothing has been taken from the body.
+        Some(t) => match tokio::time::timeout(t, body.frame()).await {
+            Ok(f) => f,
+            Err(_) => {
+                *resp.body_mut() = ProxyBody::Upstream(body);
+                return Ok(());
+            }
+        },
         None => body.frame().await,
     };
     let first = first.transpose().map_err(|e| ProxyError::Upstream {
@@ -637,6 +668,7 @@ impl Sendable {
         &mut self,
         ep: &Endpoint,
         h2_authority: Option<&Authority>,
+        scheme: Scheme,
     ) -> Option<Request<ProxyBody>> {
         let mut req = match self {
             Self::Once(r) => r.take()?,
@@ -658,7 +690,7 @@ impl Sendable {
         };
         let authority = h2_authority.unwrap_or(&ep.authority).clone();
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(scheme);
         uri.authority = Some(authority);
         *req.uri_mut() = Uri::from_parts(uri).ok()?;
         Some(req)

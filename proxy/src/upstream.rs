@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::breaker::{BackendState, LimitedConnector};
+use crate::breaker::{BackendState, Breaker, ConnectionLimit, LimitedConnector};
 use crate::error::ProxyError;
 use crate::table::spec::{PoolSpec, UpstreamProtocol};
 use crate::upstream_tls::{TlsConnectError, UpstreamTls};
@@ -102,7 +102,7 @@ impl ClientRegistry {
             let mut conn = HttpConnector::new();
             conn.set_nodelay(true);
             conn.set_connect_timeout(Some(key.connect_timeout));
-            let mut connector = LimitedConnector::new(conn, Arc::clone(state));
+            let mut connector = LimitedConnector::new(conn, Arc::clone(state), key.connect_timeout);
             if let Some(tls) = tls {
                 connector = connector.with_tls(Arc::clone(tls), key.connect_timeout);
             }
@@ -130,7 +130,9 @@ pub async fn send_http1(
 ) -> Result<Response<Incoming>, ProxyError> {
     client.request(req).await.map_err(|e| {
         if e.is_connect() {
-            if has_timed_out(&e) {
+            if caused_by::<ConnectionLimit>(&e) {
+                ProxyError::CircuitOpen(Breaker::MaxConnections)
+            } else if has_timed_out(&e) {
                 ProxyError::ConnectTimeout { addr }
             } else {
                 ProxyError::Connect {
@@ -265,6 +267,18 @@ where
         }
     });
     Ok(sender)
+}
+
+/// Whether an error of type `T` is in `e`'s source chain.
+fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn has_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {

@@ -348,6 +348,11 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
     let upstream = match cx.registries {
         Some(r) => {
             backend_state.set_limits(&b.circuit_breaker);
+            if b.outlier_detection.is_none() {
+                for e in &endpoints {
+                    e.state.health.clear_ejection();
+                }
+            }
             r.clients.get(&client_key, tls.as_ref(), &backend_state)
         }
         None => Upstream::H2 {
