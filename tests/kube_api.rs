@@ -162,6 +162,7 @@ async fn watcher_relists_after_its_resource_version_is_compacted() {
     };
     assert!(matches!(next().await, Ok(watcher::Event::Init)));
     assert!(matches!(next().await, Ok(watcher::Event::InitApply(_))));
+    assert!(matches!(next().await, Ok(watcher::Event::InitApply(_))));
     assert!(matches!(next().await, Ok(watcher::Event::InitDone)));
     // Writes elsewhere move the store past the watcher's version, and compaction expires
     // it before the watcher (lazy: it watches when polled) starts its watch from it.
@@ -192,7 +193,8 @@ async fn watcher_relists_after_its_resource_version_is_compacted() {
             other => panic!("unexpected during the re-list: {other:?}"),
         }
     }
-    assert_eq!(names, ["one", "two"]);
+    // Every cluster's `kubernetes` Service is there too.
+    assert_eq!(names, ["kubernetes", "one", "two"]);
     // The Service got what the server fills in.
     let one = api.get("services", "default", "one").unwrap();
     assert_eq!(one["spec"]["type"], "ClusterIP");
@@ -201,6 +203,49 @@ async fn watcher_relists_after_its_resource_version_is_compacted() {
         .as_str()
         .unwrap()
         .starts_with("10.96."));
+}
+
+#[tokio::test]
+async fn streaming_list_watcher_resumes_without_relisting_when_watches_are_cut() {
+    let (api, c, _dir) = setup().await;
+    api.apply(ingress("default", "a", "a.example.com"));
+    // sendInitialEvents=true: the initial state comes as ADDED events and ends with the
+    // annotated bookmark, on one watch.
+    let cfg = watcher::Config::default().streaming_lists();
+    let mut events = watcher(Api::<Ingress>::all(c), cfg).boxed();
+    let mut next = async || {
+        timeout(WAIT, events.next())
+            .await
+            .expect("watcher event within 10s")
+            .unwrap()
+    };
+    assert!(matches!(next().await, Ok(watcher::Event::Init)));
+    assert!(matches!(next().await, Ok(watcher::Event::InitApply(_))));
+    assert!(matches!(next().await, Ok(watcher::Event::InitDone)));
+    assert_eq!(api.open_watches(), 1);
+
+    // The server drops the stream; the watcher resumes from the version it saw, and the
+    // change made in between arrives as a plain event, not as a re-list.
+    api.close_watches();
+    eventually(WAIT, "the stream has ended", || {
+        let n = api.open_watches();
+        async move { n == 0 }
+    })
+    .await;
+    api.apply(ingress("default", "b", "b.example.com"));
+    match next().await {
+        Ok(watcher::Event::Apply(i)) => assert_eq!(i.metadata.name.as_deref(), Some("b")),
+        other => panic!("expected the new Ingress, got {other:?}"),
+    }
+    let watches: Vec<String> = api
+        .requests()
+        .into_iter()
+        .map(|(_, p, _)| p)
+        .filter(|p| p.contains("watch=true"))
+        .collect();
+    assert_eq!(watches.len(), 2, "{watches:?}");
+    assert!(watches[0].contains("sendInitialEvents=true"), "{watches:?}");
+    assert!(!watches[1].contains("sendInitialEvents"), "{watches:?}");
 }
 
 #[tokio::test]

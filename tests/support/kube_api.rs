@@ -101,6 +101,24 @@ impl KubeApi {
         for ns in INITIAL_NAMESPACES {
             api.apply(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}));
         }
+        // Every cluster has the `kubernetes` Service and its EndpointSlice in `default`, so a
+        // source watching all Services or slices meets them here too. The address is from
+        // TEST-NET-1 (192.0.2.0/24): nothing ever listens there, and nothing should send to it.
+        api.apply(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"component": "apiserver", "provider": "kubernetes"}},
+            "spec": {"clusterIP": "10.96.0.1",
+                     "ports": [{"name": "https", "port": 443, "targetPort": 6443}]}
+        }));
+        api.apply(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["192.0.2.1"], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": 6443, "protocol": "TCP"}]
+        }));
         let mut stopped = api._stop.subscribe();
         tokio::spawn(async move {
             loop {
@@ -547,12 +565,17 @@ fn flag(q: &HashMap<String, String>, k: &str) -> bool {
         .is_some_and(|v| matches!(v.as_str(), "true" | "1" | "True" | "TRUE" | "t" | "T"))
 }
 
-/// Dry runs would need every write path to stop short of the store; refusing them keeps the
-/// stand-in from pretending.
+/// Dry runs and strict field validation are not implemented; they are refused rather than
+/// ignored, since ignoring them would accept what the real server rejects.
 fn check_dry_run(q: &HashMap<String, String>) -> Result<(), ApiError> {
     if q.contains_key("dryRun") {
         return Err(ApiError::bad_request(
             "the Kubernetes stand-in does not implement dryRun",
+        ));
+    }
+    if q.get("fieldValidation").is_some_and(|v| v == "Strict") {
+        return Err(ApiError::bad_request(
+            "the Kubernetes stand-in does not implement fieldValidation=Strict",
         ));
     }
     Ok(())
