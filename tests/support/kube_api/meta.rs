@@ -244,8 +244,7 @@ impl ApiError {
         e
     }
 
-    pub fn unsupported_media_type(got: &str, accepted: &[&str]) -> Self {
-        let _ = got;
+    pub fn unsupported_media_type(accepted: &[&str]) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
