@@ -304,9 +304,6 @@ async fn the_retry_budget_caps_retries_when_everything_fails() {
 
 #[tokio::test]
 async fn grpc_status_is_retried() {
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
-
     // Two gRPC servers; only the second knows the service, so the first answers NOT_FOUND
     // (tonic sends it in trailers after empty headers, which Strait reads before deciding).
     let (unknown, _r1) = grpc_health_server("shop.Cart", None).await;
@@ -329,21 +326,13 @@ backends:
 "
     );
     let p = TestProxy::start(&yaml).await;
-    let channel = tonic::transport::Endpoint::from_shared(p.url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = HealthClient::new(channel);
+    let mut health = grpc_health_client(p.url("")).await;
     for _ in 0..6 {
-        let r = health
-            .check(HealthCheckRequest {
-                service: "shop.Cart".into(),
-            })
+        let status = grpc_check(&mut health, "shop.Cart")
             .await
             .expect("NOT_FOUND from the first server is retried on the second");
         assert_eq!(
-            r.into_inner().status,
+            status,
             tonic_health::pb::health_check_response::ServingStatus::Serving as i32
         );
     }

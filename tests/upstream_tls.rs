@@ -214,8 +214,6 @@ async fn h2_fails_clearly_when_the_upstream_does_not_agree_to_http2() {
 #[tokio::test]
 async fn grpc_from_an_h2c_client_to_a_tls_h2_backend() {
     use tonic_health::pb::health_check_response::ServingStatus;
-    use tonic_health::pb::health_client::HealthClient;
-    use tonic_health::pb::HealthCheckRequest;
 
     let ca = Ca::new("grpc");
     let cert = ca.issue("upstream", &["upstream.test"]);
@@ -226,27 +224,14 @@ async fn grpc_from_an_h2c_client_to_a_tls_h2_backend() {
         tls_block(&[ca_line(&ca), SNI.into()])
     );
     let p = TestProxy::start(&config(&up, &backend)).await;
-    let channel = tonic::transport::Endpoint::from_shared(p.url(""))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut grpc = HealthClient::new(channel);
+    let mut grpc = grpc_health_client(p.url("")).await;
     for _ in 0..3 {
-        let r = grpc
-            .check(HealthCheckRequest {
-                service: "shop.Cart".into(),
-            })
+        let status = grpc_check(&mut grpc, "shop.Cart")
             .await
             .expect("grpc-status 0 came back through Strait");
-        assert_eq!(r.into_inner().status, ServingStatus::Serving as i32);
+        assert_eq!(status, ServingStatus::Serving as i32);
     }
-    let missing = grpc
-        .check(HealthCheckRequest {
-            service: "nope".into(),
-        })
-        .await
-        .unwrap_err();
+    let missing = grpc_check(&mut grpc, "nope").await.unwrap_err();
     assert_eq!(
         missing.code(),
         tonic::Code::NotFound,

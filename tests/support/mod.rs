@@ -515,3 +515,28 @@ pub async fn grpc_health_server(
     );
     (addr, reporter)
 }
+
+/// A gRPC health client over h2c to `url` (e.g. a [`TestProxy`]'s `url("")`).
+pub async fn grpc_health_client(
+    url: String,
+) -> tonic_health::pb::health_client::HealthClient<tonic::transport::Channel> {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .expect("a valid URL")
+        .connect()
+        .await
+        .expect("the proxy accepts h2c");
+    tonic_health::pb::health_client::HealthClient::new(channel)
+}
+
+/// `Check` of `service`, through `client`: the serving status, or the gRPC error.
+pub async fn grpc_check(
+    client: &mut tonic_health::pb::health_client::HealthClient<tonic::transport::Channel>,
+    service: &str,
+) -> Result<i32, tonic::Status> {
+    client
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+}
