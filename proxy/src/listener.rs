@@ -48,28 +48,87 @@ impl ListenerContext {
     }
 }
 
-/// The next connection, once a connection slot is free. Accept errors (out of file
-/// descriptors and similar) are logged and retried after a pause instead of spinning.
-pub(crate) async fn accept(
-    listener: &TcpListener,
-    permits: &Arc<Semaphore>,
-    name: &str,
-) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
-    let permit = Arc::clone(permits)
-        .acquire_owned()
-        .await
-        .expect("the semaphore is never closed");
-    loop {
-        match listener.accept().await {
-            Ok((stream, client)) => {
-                let _ = stream.set_nodelay(true);
-                return (stream, client, permit);
-            }
-            Err(e) => {
-                tracing::warn!(listener = name, error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+/// Accepts connections for one listener (HTTP or TCP) within its connection limit, and
+/// counts them.
+pub(crate) struct Acceptor {
+    listener: TcpListener,
+    permits: Arc<Semaphore>,
+    max: usize,
+    name: Arc<str>,
+    active: metrics::Gauge,
+    accepted: metrics::Counter,
+}
+
+/// An accepted connection's place under the limit; dropping it frees the place.
+pub(crate) struct ConnSlot {
+    _permit: OwnedSemaphorePermit,
+    active: metrics::Gauge,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.active.decrement(1.0);
+    }
+}
+
+impl Acceptor {
+    pub(crate) fn new(listener: TcpListener, name: &Arc<str>, max: usize) -> Self {
+        let labels = [("listener", name.to_string())];
+        Self {
+            listener,
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            name: Arc::clone(name),
+            active: metrics::gauge!(crate::metrics::DOWNSTREAM_CONNECTIONS, &labels),
+            accepted: metrics::counter!(crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL, &labels),
+        }
+    }
+
+    /// The next connection, once a connection slot is free. Accept errors (out of file
+    /// descriptors and similar) are logged and retried after a pause instead of spinning.
+    pub(crate) async fn next(&self) -> (TcpStream, SocketAddr, ConnSlot) {
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        loop {
+            match self.listener.accept().await {
+                Ok((stream, client)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.accepted.increment(1);
+                    self.active.increment(1.0);
+                    let slot = ConnSlot {
+                        _permit: permit,
+                        active: self.active.clone(),
+                    };
+                    return (stream, client, slot);
+                }
+                Err(e) => {
+                    tracing::warn!(listener = &*self.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             }
         }
+    }
+
+    /// Stops accepting (the socket closes) and resolves once every accepted connection has
+    /// given its slot back.
+    pub(crate) async fn close_and_wait(self) {
+        let Self {
+            listener,
+            permits,
+            max,
+            name,
+            ..
+        } = self;
+        drop(listener);
+        tracing::info!(
+            listener = &*name,
+            open = max - permits.available_permits(),
+            "draining connections"
+        );
+        let all = u32::try_from(max).unwrap_or(u32::MAX);
+        let _ = permits.acquire_many(all).await;
     }
 }
 
@@ -96,19 +155,15 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let acceptor = Acceptor::new(listener, &cx.name, limits.max_connections);
     let graceful = GracefulShutdown::new();
-    let labels = [("listener", cx.name.to_string())];
-    let active = metrics::gauge!(crate::metrics::DOWNSTREAM_CONNECTIONS, &labels);
-    let accepted = metrics::counter!(crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL, &labels);
 
     tokio::pin!(shutdown);
     loop {
-        let (stream, client, permit) = tokio::select! {
-            c = accept(&listener, &permits, &cx.name) => c,
+        let (stream, client, slot) = tokio::select! {
+            c = acceptor.next() => c,
             () = &mut shutdown => break,
         };
-        accepted.increment(1);
         let conn_cx = ConnContext {
             table: cx.table.clone(),
             listener: index,
@@ -122,11 +177,9 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         // The drain waits for this watcher: a connection still in its TLS handshake counts.
         let watcher = graceful.watcher();
         let builder = Arc::clone(&builder);
-        let active = active.clone();
         let idle = limits.idle_timeout;
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            active.increment(1.0);
             let io = IdleTimeout::new(stream, idle);
             // The TLS settings of the table in force when the connection arrived.
             let tls = {
@@ -168,11 +221,11 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
                         .increment(1);
                 }
             }
-            active.decrement(1.0);
-            drop(permit);
+            drop(slot);
         });
     }
-    drop(listener);
+    // Stop accepting; the graceful shutdown below waits for the connections themselves.
+    drop(acceptor);
     tracing::info!(
         listener = &*cx.name,
         open = graceful.count(),

@@ -9,10 +9,9 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::health;
-use crate::listener::{accept, IdleTimeout, ListenerContext};
+use crate::listener::{Acceptor, IdleTimeout, ListenerContext};
 use crate::passthrough::{self, HelloError, SniRoutes};
 use crate::table::{Backend, Endpoint};
 
@@ -31,32 +30,20 @@ pub async fn serve_tcp(
     let Some(index) = cx.index() else {
         return;
     };
-    let max = cx.limits.max_connections;
-    let permits = Arc::new(Semaphore::new(max));
-    let labels = [("listener", cx.name.to_string())];
-    let active = metrics::gauge!(crate::metrics::DOWNSTREAM_CONNECTIONS, &labels);
-    let accepted = metrics::counter!(crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL, &labels);
+    let acceptor = Acceptor::new(listener, &cx.name, cx.limits.max_connections);
     tokio::pin!(shutdown);
     loop {
-        let (stream, client, permit) = tokio::select! {
-            c = accept(&listener, &permits, &cx.name) => c,
+        let (stream, client, slot) = tokio::select! {
+            c = acceptor.next() => c,
             () = &mut shutdown => break,
         };
-        accepted.increment(1);
         let cx = cx.clone();
-        let active = active.clone();
         tokio::spawn(async move {
-            active.increment(1.0);
             relay(&cx, index, stream, client).await;
-            active.decrement(1.0);
-            drop(permit);
+            drop(slot);
         });
     }
-    drop(listener);
-    let open = max - permits.available_permits();
-    tracing::info!(listener = &*cx.name, open, "draining tcp connections");
-    let all = u32::try_from(max).unwrap_or(u32::MAX);
-    let _ = permits.acquire_many(all).await;
+    acceptor.close_and_wait().await;
 }
 
 /// Outcome of one relayed connection, for the log line and the metric.
