@@ -32,6 +32,14 @@ pub struct SniRoutes {
 }
 
 impl SniRoutes {
+    /// Whether a rule sends connections to the backend called `name`.
+    pub fn uses(&self, name: &str) -> bool {
+        self.exact
+            .values()
+            .chain(self.wildcard.values())
+            .any(|b| &*b.name == name)
+    }
+
     /// Routes `host` to `backend`; false if the host is already routed (or is `*`, which
     /// the listener's default backend stands for).
     pub fn insert(&mut self, host: &HostMatch, backend: &Arc<Backend>) -> bool {

@@ -23,7 +23,7 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
 use crate::router::{normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
-    Action, Backend, DirectResponse, Endpoint, Forward, HashKey, Redirect, RetryPolicy, Route,
+    Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
     TableHandle,
 };
 use crate::upstream::{send_http1, Upstream};
@@ -130,7 +130,9 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
                 .find(h, req.uri().path(), req.method(), req.headers())
         };
         let found = match route {
-            Some(route) => Ok(Arc::clone(route)),
+            // The backend is taken from the same table as the route: a request never mixes
+            // generations.
+            Some(route) => Ok((Arc::clone(route), pick_target(table, route))),
             None => Err(Arc::clone(&lt.unmatched)),
         };
         (found, table.access_log)
@@ -156,7 +158,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         request_id,
         listener: Arc::clone(&cx.listener_name),
         metrics: match &found {
-            Ok(route) => Arc::clone(&route.local_metrics),
+            Ok((route, _)) => Arc::clone(&route.local_metrics),
             Err(unmatched) => Arc::clone(unmatched),
         },
         access_log,
@@ -165,8 +167,8 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         bytes: 0,
     };
 
-    let route = match found {
-        Ok(route) => route,
+    let (route, target) = match found {
+        Ok(found) => found,
         Err(_) if bad_path => {
             let err = ProxyError::BadRequest("unusable path after removing dot segments");
             return finish_error(err, req.version(), done);
@@ -206,8 +208,8 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         Action::Redirect(r) => redirect(r, &req, cx.scheme),
         // Boxed: the forwarding future is large, and hyper moves the handler's future
         // before polling it; a box keeps that move to a pointer.
-        Action::Forward(f) => {
-            let mut resp = Box::pin(forward(cx, &route, f, req, done)).await;
+        Action::Forward(_) => {
+            let mut resp = Box::pin(forward(cx, &route, target, req, done)).await;
             if let Some(h) = &limit_headers {
                 h.apply(resp.headers_mut());
             }
@@ -222,20 +224,34 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
     resp.map(|b| ObservedBody::new(b, done))
 }
 
+/// A forward route's backend for this request (weighted split) and its metrics.
+type Picked = (Arc<Backend>, Arc<crate::metrics::TargetMetrics>);
+
+fn pick_target(table: &RouteTable, route: &Route) -> Option<Picked> {
+    let Action::Forward(f) = &route.action else {
+        return None;
+    };
+    let target = f.pick()?;
+    Some((
+        Arc::clone(table.backend(target)),
+        Arc::clone(&target.metrics),
+    ))
+}
+
 async fn forward(
     cx: &ConnContext,
     route: &Arc<Route>,
-    f: &Forward,
+    target: Option<Picked>,
     mut req: Request<Incoming>,
     mut done: Completion,
 ) -> Response<ObservedBody> {
     let version = req.version();
-    let Some(target) = f.pick() else {
+    let Some((backend, metrics)) = target else {
         let reason = format!("route {:?} has no backend", route.name);
         return finish_error(ProxyError::NoEndpoints(reason), version, done);
     };
-    let backend = &target.backend;
-    done.metrics = Arc::clone(&target.metrics);
+    let backend = &*backend;
+    done.metrics = metrics;
     let pooled = matches!(backend.upstream, Upstream::Http1(_));
     match backend.state.try_request(&backend.breaker, pooled) {
         Ok(slot) => done.backend_slot = Some(slot),

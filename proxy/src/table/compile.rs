@@ -103,7 +103,7 @@ pub fn compile(
         registries,
     };
 
-    let mut backends: HashMap<&str, Arc<Backend>> = HashMap::new();
+    let mut backends: HashMap<&str, (usize, Arc<Backend>)> = HashMap::new();
     // Backends that are declared but invalid: routes naming them already have an error
     // reported at the backend, so they must not add a misleading "unknown backend".
     let mut invalid: HashSet<&str> = HashSet::new();
@@ -120,7 +120,7 @@ pub fn compile(
         match compile_backend(&mut cx, &path, b) {
             Some(backend) => {
                 let backend = Arc::new(backend);
-                backends.insert(&b.name, Arc::clone(&backend));
+                backends.insert(&b.name, (ordered.len(), Arc::clone(&backend)));
                 ordered.push(backend);
             }
             None => {
@@ -208,11 +208,34 @@ pub fn compile(
         generation,
         source: source.to_owned(),
         loaded_at: SystemTime::now(),
-        listeners,
+        listeners: listeners.into(),
         backends: ordered,
         access_log: spec.access_log.enabled,
         spec,
     })
+}
+
+/// Compiles backends on their own, sharing live state through `registries`: the part of
+/// [`compile`] an endpoint-only change needs (see [`super::RouteTable::with_backends`]).
+pub fn compile_backends(
+    specs: &[BackendSpec],
+    registries: &Registries,
+) -> Result<Vec<Arc<Backend>>, Vec<CompileError>> {
+    let mut cx = Ctx {
+        errors: Vec::new(),
+        registries: Some(registries),
+    };
+    let mut out = Vec::with_capacity(specs.len());
+    for (i, b) in specs.iter().enumerate() {
+        if let Some(backend) = compile_backend(&mut cx, &format!("backends[{i}]"), b) {
+            out.push(Arc::new(backend));
+        }
+    }
+    if cx.errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(cx.errors)
+    }
 }
 
 fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Backend> {
@@ -606,7 +629,7 @@ fn check_dns(cx: &mut Ctx<'_>, dns: &DnsSpec) {
 
 /// Backends routes may name.
 struct Known<'a> {
-    backends: &'a HashMap<&'a str, Arc<Backend>>,
+    backends: &'a HashMap<&'a str, (usize, Arc<Backend>)>,
     invalid: &'a HashSet<&'a str>,
 }
 
@@ -614,8 +637,13 @@ impl Known<'_> {
     /// The backend called `name`. An unknown name is an error at `path`; a backend that is
     /// declared but invalid already has its own errors, so it adds none.
     fn get(&self, cx: &mut Ctx<'_>, path: &str, name: &str) -> Option<Arc<Backend>> {
-        if let Some(b) = self.backends.get(name) {
-            return Some(Arc::clone(b));
+        self.index(cx, path, name).map(|(_, b)| b)
+    }
+
+    /// [`Known::get`], with the backend's index in the table.
+    fn index(&self, cx: &mut Ctx<'_>, path: &str, name: &str) -> Option<(usize, Arc<Backend>)> {
+        if let Some((i, b)) = self.backends.get(name) {
+            return Some((*i, Arc::clone(b)));
         }
         if !self.invalid.contains(name) {
             let mut defined: Vec<&str> = self
@@ -1252,9 +1280,9 @@ fn compile_forward(
     let mut targets = Vec::new();
     let mut weights = Vec::new();
     for (p, name, weight) in wanted {
-        if let Some(b) = known.get(cx, &p, name) {
+        if let Some((i, _)) = known.index(cx, &p, name) {
             targets.push(Target {
-                backend: b,
+                backend: i,
                 metrics: cx.metrics(listener, route, name),
             });
             weights.push(weight);

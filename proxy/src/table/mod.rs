@@ -37,8 +37,8 @@ pub struct RouteTable {
     pub source: String,
     /// When it was compiled.
     pub loaded_at: SystemTime,
-    /// Listeners in configuration order.
-    pub listeners: Vec<ListenerTable>,
+    /// Listeners, sorted by name; shared with tables that changed only backends.
+    pub listeners: Arc<[ListenerTable]>,
     /// Backends by name, for `/config`.
     pub backends: Vec<Arc<Backend>>,
     /// Whether to write access log lines.
@@ -48,6 +48,50 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// This table with some backends replaced (matched by name) and everything else
+    /// shared: how an endpoint-only change is published without compiling every route.
+    /// `None` if a backend is unknown here or a `tcp` listener holds it directly; compile
+    /// the whole configuration then.
+    pub fn with_backends(
+        &self,
+        generation: u64,
+        spec: Arc<spec::Spec>,
+        replacements: Vec<Arc<Backend>>,
+    ) -> Option<RouteTable> {
+        let mut backends = self.backends.clone();
+        for new in replacements {
+            if self.listeners.iter().any(|l| l.tcp.is_some()) && self.tcp_uses(&new.name) {
+                return None;
+            }
+            let i = backends.iter().position(|b| b.name == new.name)?;
+            backends[i] = new;
+        }
+        Some(RouteTable {
+            generation,
+            source: self.source.clone(),
+            loaded_at: SystemTime::now(),
+            listeners: Arc::clone(&self.listeners),
+            backends,
+            access_log: self.access_log,
+            spec,
+        })
+    }
+
+    fn tcp_uses(&self, name: &str) -> bool {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.tcp.as_ref())
+            .any(|t| {
+                t.backend.as_ref().is_some_and(|b| &*b.name == name)
+                    || t.sni.as_ref().is_some_and(|s| s.uses(name))
+            })
+    }
+
+    /// The backend of a route's target.
+    pub fn backend(&self, target: &Target) -> &Arc<Backend> {
+        &self.backends[target.backend]
+    }
+
     /// Index of the listener with this name.
     pub fn listener_index(&self, name: &str) -> Option<usize> {
         self.listeners.iter().position(|l| &*l.name == name)
@@ -221,8 +265,10 @@ impl Forward {
 /// One backend of a route.
 #[derive(Debug)]
 pub struct Target {
-    /// The backend.
-    pub backend: Arc<Backend>,
+    /// Index of the backend in [`RouteTable::backends`]. An index, not the backend itself,
+    /// so a table with new endpoints for one backend can share every route of the last one
+    /// ([`RouteTable::with_backends`]).
+    pub backend: usize,
     /// Per (route, backend) metrics.
     pub metrics: Arc<TargetMetrics>,
 }
@@ -471,9 +517,20 @@ pub enum HashKey {
 }
 
 /// Holds the table in force; cheap to clone and share.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct TableHandle {
     inner: Arc<ArcSwapOption<RouteTable>>,
+    /// The generation in force, for whoever waits for a table (never read per request).
+    published: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for TableHandle {
+    fn default() -> Self {
+        Self {
+            inner: Arc::default(),
+            published: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
 }
 
 impl TableHandle {
@@ -494,6 +551,14 @@ impl TableHandle {
             metrics::gauge!(crate::metrics::BACKEND_ENDPOINTS, "backend" => b.name.to_string())
                 .set(b.endpoints.len() as f64);
         }
+        let generation = table.generation;
         self.inner.store(Some(Arc::new(table)));
+        self.published.send_replace(generation);
+    }
+
+    /// Resolves once a table is in force (at once if one already is).
+    pub async fn first_published(&self) {
+        let mut rx = self.published.subscribe();
+        let _ = rx.wait_for(|g| *g > 0).await;
     }
 }

@@ -32,6 +32,50 @@ pub struct Spec {
     /// How backends given as DNS names are resolved.
     #[serde(default)]
     pub dns: DnsSpec,
+    /// The Kubernetes source (Ingress controller); command-line flags override these.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesSpec>,
+}
+
+/// Settings of the Kubernetes source. The data plane never reads them; they live in the
+/// one configuration file so that a deployment can keep every setting in a ConfigMap.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct KubernetesSpec {
+    /// Run as an Ingress controller (same as `--kubernetes`).
+    pub enabled: bool,
+    /// Address of the HTTP listener for Ingress routes.
+    pub http_addr: String,
+    /// Address of the HTTPS listener for Ingress routes (used once Ingress TLS is served).
+    pub https_addr: String,
+    /// The IngressClass served.
+    pub ingress_class: String,
+    /// Namespaces watched; empty: all.
+    pub watch_namespaces: Vec<String>,
+    /// `namespace/name` of the Service whose load-balancer address goes into Ingress status.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub publish_service: Option<String>,
+    /// Fixed addresses (IPs or hostnames) for Ingress status, instead of `publish_service`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub publish_address: Vec<String>,
+    /// Quiet time after a change before the table is rebuilt.
+    #[serde(with = "duration")]
+    pub debounce: Duration,
+}
+
+impl Default for KubernetesSpec {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            http_addr: "0.0.0.0:8080".into(),
+            https_addr: "0.0.0.0:8443".into(),
+            ingress_class: "strait".into(),
+            watch_namespaces: Vec::new(),
+            publish_service: None,
+            publish_address: Vec::new(),
+            debounce: Duration::from_millis(100),
+        }
+    }
 }
 
 impl Spec {
@@ -387,6 +431,32 @@ pub struct RouteSpec {
     pub rate_limit: Option<RateLimitSpec>,
 }
 
+impl RouteSpec {
+    /// A route forwarding `matches` to one backend, every other setting at its default.
+    pub fn forward(
+        name: impl Into<String>,
+        matches: MatchSpec,
+        backend: impl Into<String>,
+    ) -> Self {
+        Self {
+            name: Some(name.into()),
+            matches,
+            forward: Some(ForwardSpec {
+                backend: Some(backend.into()),
+                backends: Vec::new(),
+            }),
+            redirect: None,
+            direct_response: None,
+            timeout: None,
+            retry: None,
+            request_headers: HeaderOpsSpec::default(),
+            response_headers: HeaderOpsSpec::default(),
+            rewrite_prefix: None,
+            rate_limit: None,
+        }
+    }
+}
+
 /// A route's rate limit: a token bucket of `burst` tokens, refilled with `requests` tokens
 /// per `per`, for the whole route or per key.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -600,6 +670,28 @@ pub struct BackendSpec {
     /// errors than refusing everything (Envoy's healthy panic threshold).
     #[serde(default = "default_panic_threshold")]
     pub panic_threshold: u32,
+}
+
+impl BackendSpec {
+    /// A backend with these endpoints and every other setting at its default, for sources
+    /// that build configurations in code (Kubernetes).
+    pub fn new(name: impl Into<String>, endpoints: Vec<EndpointSpec>) -> Self {
+        Self {
+            name: name.into(),
+            endpoints,
+            dns: None,
+            policy: Policy::default(),
+            hash: None,
+            protocol: UpstreamProtocol::default(),
+            connect_timeout: default_connect_timeout(),
+            tls: None,
+            pool: PoolSpec::default(),
+            circuit_breaker: CircuitBreakerSpec::default(),
+            outlier_detection: None,
+            health_check: None,
+            panic_threshold: default_panic_threshold(),
+        }
+    }
 }
 
 fn default_panic_threshold() -> u32 {
