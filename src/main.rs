@@ -8,11 +8,13 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use strait_control::kubernetes::translate::{TranslateOptions, CONTROLLER};
+use strait_control::kubernetes::{self, leader, status::PublishSource};
 use strait_control::publisher::Publisher;
 use strait_control::source::file;
 use strait_proxy::admin::{serve_admin, Admin};
 use strait_proxy::listener::{bind, serve, BindError, ListenerContext};
-use strait_proxy::table::spec::ListenerProtocol;
+use strait_proxy::table::spec::{ListenerProtocol, Spec};
 use strait_proxy::table::TableHandle;
 use strait_proxy::tcp::serve_tcp;
 use tokio::sync::watch;
@@ -55,6 +57,51 @@ struct Cli {
     /// Worker threads for the proxy [default: one per CPU core].
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
+
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// Ingress controller flags; each overrides the same setting of the config file's
+/// `kubernetes` section.
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "Kubernetes (Ingress controller)")]
+struct KubeArgs {
+    /// Run as an Ingress controller: watch the cluster (in-cluster service account, else
+    /// KUBECONFIG or ~/.kube/config) and serve its Ingresses. --config is optional then.
+    #[arg(long)]
+    kubernetes: bool,
+
+    /// Address of the HTTP listener for Ingress routes [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "IP:PORT")]
+    http_addr: Option<SocketAddr>,
+
+    /// Address of the HTTPS listener for Ingress routes [default: 0.0.0.0:8443]; not bound
+    /// until Ingress TLS is served.
+    #[arg(long, value_name = "IP:PORT")]
+    https_addr: Option<SocketAddr>,
+
+    /// The IngressClass to serve (its controller must be strait.io/ingress-controller)
+    /// [default: strait].
+    #[arg(long, value_name = "NAME")]
+    ingress_class: Option<String>,
+
+    /// Namespace to watch; repeat for several [default: all namespaces].
+    #[arg(long = "watch-namespace", value_name = "NAMESPACE")]
+    watch_namespaces: Vec<String>,
+
+    /// Copy this Service's load-balancer address into the status of served Ingresses.
+    #[arg(
+        long,
+        value_name = "NAMESPACE/NAME",
+        conflicts_with = "publish_address"
+    )]
+    publish_service: Option<String>,
+
+    /// Write this address (IP or hostname) into the status of served Ingresses; repeat
+    /// for several.
+    #[arg(long = "publish-address", value_name = "ADDRESS")]
+    publish_address: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -80,21 +127,42 @@ fn main() -> ExitCode {
     if let Some(Command::Validate { file }) = &cli.command {
         return validate(file);
     }
-    let Some(path) = cli.config.clone() else {
-        eprintln!(
-            "strait: --config FILE is required (see `strait --help`; try examples/standalone.yaml)"
-        );
-        return ExitCode::from(2);
-    };
     let _log_guard = init_logging(cli.log_format, &cli.log_level);
-
     // Validate before anything is bound, so a bad file fails fast with a distinct code.
-    let loaded = match file::load(&path) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("{e}");
-            tracing::error!("configuration rejected; not starting");
-            return ExitCode::from(EXIT_CONFIG);
+    let loaded = match &cli.config {
+        Some(path) => match file::load(path) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("{e}");
+                tracing::error!("configuration rejected; not starting");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    let kube_enabled = cli.kube.kubernetes
+        || loaded
+            .as_ref()
+            .and_then(|l| l.spec.kubernetes.as_ref())
+            .is_some_and(|k| k.enabled);
+    let mode = match (loaded, kube_enabled) {
+        (Some(l), false) => Mode::File(l),
+        (loaded, true) => {
+            let static_spec = loaded.map(|l| l.spec).unwrap_or_default();
+            match kube_options(&cli.kube, &static_spec) {
+                Ok(options) => Mode::Kubernetes(Box::new(options), static_spec),
+                Err(e) => {
+                    eprintln!("strait: {e}");
+                    return ExitCode::from(2);
+                }
+            }
+        }
+        (None, false) => {
+            eprintln!(
+                "strait: --config FILE or --kubernetes is required (see `strait --help`; try \
+                 examples/standalone.yaml)"
+            );
+            return ExitCode::from(2);
         }
     };
 
@@ -117,7 +185,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli, loaded))
+    runtime.block_on(run(cli, mode))
 }
 
 fn validate(path: &Path) -> ExitCode {
@@ -190,29 +258,122 @@ fn install_metrics() -> Option<PrometheusHandle> {
     }
 }
 
-async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
+/// Where tables come from.
+enum Mode {
+    /// The static configuration file, reloaded when it changes.
+    File(file::Loaded),
+    /// The cluster, plus the static listeners, routes and backends of the file if given.
+    Kubernetes(Box<kubernetes::Options>, Spec),
+}
+
+/// The Kubernetes source's options: flags override the config file's `kubernetes` section.
+fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, String> {
+    let file = spec.kubernetes.clone().unwrap_or_default();
+    let publish = match (&args.publish_service, &args.publish_address) {
+        (Some(s), _) => Some(s.clone()),
+        (None, a) if !a.is_empty() => None,
+        (None, _) => file.publish_service.clone(),
+    };
+    let addresses = if args.publish_address.is_empty() {
+        file.publish_address.clone()
+    } else {
+        args.publish_address.clone()
+    };
+    let publish = match (publish, addresses.is_empty()) {
+        (Some(s), _) => {
+            let Some((namespace, name)) = s.split_once('/') else {
+                return Err(format!("--publish-service {s:?}: expected NAMESPACE/NAME"));
+            };
+            PublishSource::Service {
+                namespace: namespace.into(),
+                name: name.into(),
+            }
+        }
+        (None, false) => PublishSource::Addresses(addresses),
+        (None, true) => PublishSource::None,
+    };
+    let namespaces = if args.watch_namespaces.is_empty() {
+        file.watch_namespaces.clone()
+    } else {
+        args.watch_namespaces.clone()
+    };
+    Ok(kubernetes::Options {
+        translate: TranslateOptions {
+            ingress_class: args.ingress_class.clone().unwrap_or(file.ingress_class),
+            controller: CONTROLLER.into(),
+        },
+        namespaces,
+        http_addr: args.http_addr.map_or(file.http_addr, |a| a.to_string()),
+        publish,
+        debounce: file.debounce,
+        max_delay: Duration::from_secs(1),
+        identity: leader::default_identity(),
+        lease_namespace: pod_namespace(),
+    })
+}
+
+/// The namespace Strait runs in: `POD_NAMESPACE` (downward API), else the service
+/// account's, else `default`.
+fn pod_namespace() -> String {
+    std::env::var("POD_NAMESPACE")
+        .ok()
+        .or_else(|| {
+            std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/namespace").ok()
+        })
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into())
+}
+
+async fn run(cli: Cli, mode: Mode) -> ExitCode {
     let prometheus = install_metrics();
     let handle = TableHandle::default();
     let mut publisher = Publisher::new(handle.clone());
-    let source = loaded.path.display().to_string();
-    if let Err(errors) = publisher.publish(loaded.spec.clone(), &source) {
-        eprintln!("{}", loaded.diagnose(&errors));
-        return ExitCode::from(EXIT_CONFIG);
-    }
-    strait_control::reload::count(true);
-    // Watch for changes before serving, so none is missed.
-    let reloader = strait_control::reload::Reloader::new(
-        loaded.path.clone(),
-        publisher,
-        &loaded.text,
-        loaded.spec.referenced_files(),
-    );
-    let spec = loaded.spec;
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
             let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    // The source starts before anything serves, so no change is missed; listeners serve
+    // once a table is in force.
+    let spec = match mode {
+        Mode::File(loaded) => {
+            let source = loaded.path.display().to_string();
+            if let Err(errors) = publisher.publish(loaded.spec.clone(), &source) {
+                eprintln!("{}", loaded.diagnose(&errors));
+                return ExitCode::from(EXIT_CONFIG);
+            }
+            strait_control::reload::count(true);
+            let reloader = strait_control::reload::Reloader::new(
+                loaded.path.clone(),
+                publisher,
+                &loaded.text,
+                loaded.spec.referenced_files(),
+            );
+            tokio::spawn(reloader.run(stopped()));
+            loaded.spec
+        }
+        Mode::Kubernetes(options, static_spec) => {
+            let spec = kubernetes::base_spec(static_spec, &options);
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot configure the Kubernetes client");
+                    eprintln!("strait: cannot configure the Kubernetes client (in-cluster service account, KUBECONFIG or ~/.kube/config): {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tokio::spawn(kubernetes::run(
+                client,
+                *options,
+                publisher,
+                spec.clone(),
+                stopped(),
+            ));
+            spec
         }
     };
 
@@ -237,11 +398,29 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
             table: handle.clone(),
             limits: spec.limits.clone(),
         };
-        match l.protocol {
-            ListenerProtocol::Http | ListenerProtocol::Https => {
-                servers.spawn(serve(sock, cx, stopped()))
+        // Bound now, so clients queue in the backlog rather than being refused; served once
+        // a table is in force (in Kubernetes mode, after every watch has listed).
+        let first = {
+            let (table, stop) = (handle.clone(), stopped());
+            async move {
+                tokio::select! {
+                    () = table.first_published() => true,
+                    () = stop => false,
+                }
             }
-            ListenerProtocol::Tcp => servers.spawn(serve_tcp(sock, cx, stopped())),
+        };
+        let stop = stopped();
+        match l.protocol {
+            ListenerProtocol::Http | ListenerProtocol::Https => servers.spawn(async move {
+                if first.await {
+                    serve(sock, cx, stop).await;
+                }
+            }),
+            ListenerProtocol::Tcp => servers.spawn(async move {
+                if first.await {
+                    serve_tcp(sock, cx, stop).await;
+                }
+            }),
         };
     }
     let admin = Arc::new(Admin::new(handle.clone(), prometheus.clone()));
@@ -266,8 +445,6 @@ async fn run(cli: Cli, loaded: file::Loaded) -> ExitCode {
             }
         });
     }
-    tokio::spawn(reloader.run(stopped()));
-
     wait_for_stop_signal().await;
     admin.start_draining();
     let drain = handle

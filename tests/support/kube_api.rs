@@ -71,6 +71,8 @@ struct Shared {
     bookmark_every: Mutex<Duration>,
     /// Bumped to end every open watch stream, as an API server restart would.
     cut_watches: watch::Sender<u64>,
+    /// Answer every request 503, as a server that is down behind its load balancer.
+    unavailable: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -91,6 +93,7 @@ impl KubeApi {
             token: token.clone(),
             bookmark_every: Mutex::new(Duration::from_secs(60)),
             cut_watches,
+            unavailable: std::sync::atomic::AtomicBool::new(false),
         });
         let api = Self {
             addr,
@@ -295,6 +298,17 @@ impl KubeApi {
         self.shared.store().compact();
     }
 
+    /// While `down`, every request gets 503 ServiceUnavailable and open watches end, as
+    /// when the API server is down or restarting.
+    pub fn set_unavailable(&self, down: bool) {
+        self.shared
+            .unavailable
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+        if down {
+            self.close_watches();
+        }
+    }
+
     /// Ends every open watch stream cleanly, as an API server restart or a load balancer
     /// idle timeout would: clients resume from the last resourceVersion they saw.
     pub fn close_watches(&self) {
@@ -346,7 +360,13 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         .path_and_query()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_default();
-    let resp = match route(&shared, req).await {
+    let unavailable = shared.unavailable.load(std::sync::atomic::Ordering::SeqCst);
+    let routed = if unavailable {
+        Err(ApiError::unavailable())
+    } else {
+        route(&shared, req).await
+    };
+    let resp = match routed {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };

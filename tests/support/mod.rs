@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod dns;
+pub mod k8s;
 pub mod kube_api;
 pub mod tempdir;
 pub mod tls;
@@ -417,9 +418,16 @@ pub struct Binary {
 
 impl Binary {
     pub async fn start(config: &Path) -> Self {
+        let args = [std::ffi::OsStr::new("--config"), config.as_os_str()];
+        Self::start_with(&args, &[]).await
+    }
+
+    /// Starts the binary with these arguments (before the test's logging and admin flags)
+    /// and extra environment variables.
+    pub async fn start_with(args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> Self {
         let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
-            .arg("--config")
-            .arg(config)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .args([
                 "--log-format",
                 "json",

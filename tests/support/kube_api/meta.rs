@@ -102,6 +102,16 @@ impl ApiError {
         e
     }
 
+    /// What an API server answers while it cannot serve (starting, or its storage
+    /// unreachable).
+    pub fn unavailable() -> Self {
+        Self::new(
+            503,
+            "ServiceUnavailable",
+            "the server is currently unable to handle the request",
+        )
+    }
+
     /// What the server says for a path it does not serve at all.
     pub fn no_route() -> Self {
         let mut e = Self::new(

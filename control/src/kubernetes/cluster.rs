@@ -1,0 +1,221 @@
+//! The controller's view of the cluster: the watched objects, indexed the way translation
+//! reads them. One task owns it and applies watch events to it; translation only reads.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::{Ingress, IngressClass};
+use kube::ResourceExt;
+
+/// The label that joins an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// `namespace/name` of a namespaced object (namespace empty for cluster-scoped ones).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Key {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl Key {
+    /// The key of `obj`.
+    pub fn of<K: kube::Resource>(obj: &K) -> Self {
+        Self {
+            namespace: obj.meta().namespace.clone().unwrap_or_default(),
+            name: obj.meta().name.clone().unwrap_or_default(),
+        }
+    }
+
+    /// A key from its parts.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+}
+
+impl std::fmt::Display for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// Which kind of object a change touched, so the caller can tell endpoint-only changes
+/// (cheap) from the rest (a full translation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    /// `networking.k8s.io/v1` IngressClass.
+    IngressClass,
+    /// `networking.k8s.io/v1` Ingress.
+    Ingress,
+    /// `v1` Service.
+    Service,
+    /// `discovery.k8s.io/v1` EndpointSlice.
+    EndpointSlice,
+    /// `v1` Secret (TLS).
+    Secret,
+}
+
+/// Every watched object.
+#[derive(Debug, Default, Clone)]
+pub struct Cluster {
+    /// IngressClasses by name.
+    pub classes: BTreeMap<String, Arc<IngressClass>>,
+    /// Ingresses.
+    pub ingresses: BTreeMap<Key, Arc<Ingress>>,
+    /// Services.
+    pub services: BTreeMap<Key, Arc<Service>>,
+    /// EndpointSlices by their own key.
+    pub slices: HashMap<Key, Arc<EndpointSlice>>,
+    /// Slice names by the key of the Service they belong to.
+    pub slices_by_service: HashMap<Key, BTreeSet<String>>,
+    /// TLS Secrets.
+    pub secrets: BTreeMap<Key, Arc<Secret>>,
+}
+
+/// An object of one of the watched kinds.
+#[derive(Debug, Clone)]
+pub enum Object {
+    /// An IngressClass.
+    IngressClass(Arc<IngressClass>),
+    /// An Ingress.
+    Ingress(Arc<Ingress>),
+    /// A Service.
+    Service(Arc<Service>),
+    /// An EndpointSlice.
+    EndpointSlice(Arc<EndpointSlice>),
+    /// A Secret.
+    Secret(Arc<Secret>),
+}
+
+impl Object {
+    /// Its kind.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::IngressClass(_) => Kind::IngressClass,
+            Self::Ingress(_) => Kind::Ingress,
+            Self::Service(_) => Kind::Service,
+            Self::EndpointSlice(_) => Kind::EndpointSlice,
+            Self::Secret(_) => Kind::Secret,
+        }
+    }
+}
+
+impl Cluster {
+    /// Adds or replaces an object.
+    pub fn apply(&mut self, obj: Object) {
+        match obj {
+            Object::IngressClass(c) => {
+                self.classes.insert(c.name_any(), c);
+            }
+            Object::Ingress(i) => {
+                self.ingresses.insert(Key::of(&*i), i);
+            }
+            Object::Service(s) => {
+                self.services.insert(Key::of(&*s), s);
+            }
+            Object::EndpointSlice(s) => {
+                let key = Key::of(&*s);
+                if let Some(old) = self.slices.get(&key) {
+                    // A slice's service label is immutable in practice, but nothing forbids
+                    // relabelling: unlink it from its old Service first.
+                    if let Some(svc) = service_of(old) {
+                        self.unlink_slice(&svc, &key.name);
+                    }
+                }
+                if let Some(svc) = service_of(&s) {
+                    self.slices_by_service
+                        .entry(svc)
+                        .or_default()
+                        .insert(key.name.clone());
+                }
+                self.slices.insert(key, s);
+            }
+            Object::Secret(s) => {
+                self.secrets.insert(Key::of(&*s), s);
+            }
+        }
+    }
+
+    /// Removes an object.
+    pub fn delete(&mut self, obj: &Object) {
+        match obj {
+            Object::IngressClass(c) => {
+                self.classes.remove(&c.name_any());
+            }
+            Object::Ingress(i) => {
+                self.ingresses.remove(&Key::of(&**i));
+            }
+            Object::Service(s) => {
+                self.services.remove(&Key::of(&**s));
+            }
+            Object::EndpointSlice(s) => {
+                let key = Key::of(&**s);
+                if let Some(old) = self.slices.remove(&key) {
+                    if let Some(svc) = service_of(&old) {
+                        self.unlink_slice(&svc, &key.name);
+                    }
+                }
+            }
+            Object::Secret(s) => {
+                self.secrets.remove(&Key::of(&**s));
+            }
+        }
+    }
+
+    /// Replaces every object of `kind` in `namespace` (all namespaces when `None`) with
+    /// `objects`: the result of a (re-)list, after which objects not listed are gone.
+    pub fn replace(&mut self, kind: Kind, namespace: Option<&str>, objects: Vec<Object>) {
+        let in_scope = |ns: &str| namespace.is_none_or(|n| n == ns);
+        match kind {
+            Kind::IngressClass => self.classes.clear(),
+            Kind::Ingress => self.ingresses.retain(|k, _| !in_scope(&k.namespace)),
+            Kind::Service => self.services.retain(|k, _| !in_scope(&k.namespace)),
+            Kind::EndpointSlice => {
+                self.slices.retain(|k, _| !in_scope(&k.namespace));
+                self.slices_by_service
+                    .retain(|k, _| !in_scope(&k.namespace));
+            }
+            Kind::Secret => self.secrets.retain(|k, _| !in_scope(&k.namespace)),
+        }
+        for o in objects {
+            self.apply(o);
+        }
+    }
+
+    /// The EndpointSlices of a Service.
+    pub fn slices_of<'a>(&'a self, service: &'a Key) -> impl Iterator<Item = &'a EndpointSlice> {
+        self.slices_by_service
+            .get(service)
+            .into_iter()
+            .flatten()
+            .filter_map(move |name| {
+                self.slices
+                    .get(&Key::new(&service.namespace, name))
+                    .map(|s| &**s)
+            })
+    }
+
+    fn unlink_slice(&mut self, svc: &Key, slice: &str) {
+        if let Some(set) = self.slices_by_service.get_mut(svc) {
+            set.remove(slice);
+            if set.is_empty() {
+                self.slices_by_service.remove(svc);
+            }
+        }
+    }
+}
+
+/// The Service an EndpointSlice belongs to, by its label.
+pub fn service_of(slice: &EndpointSlice) -> Option<Key> {
+    let name = slice.labels().get(SERVICE_NAME_LABEL)?;
+    Some(Key::new(
+        slice.metadata.namespace.as_deref().unwrap_or_default(),
+        name,
+    ))
+}

@@ -1,0 +1,444 @@
+//! The Kubernetes source: watches Ingresses, IngressClasses, Services, EndpointSlices and
+//! TLS Secrets, translates them into routes and backends, and publishes whole tables
+//! through the one [`Publisher`].
+//!
+//! Flow: watches ([`watch`]) -> one controller loop that owns the [`Cluster`] view ->
+//! debounce -> [`translate`] -> merge with the static configuration -> publish. Nothing is
+//! published until every watch has completed its first list, so a (re)started Strait never
+//! serves a partial table; `/ready` stays 503 until then.
+
+pub mod annotations;
+pub mod cluster;
+pub mod events;
+pub mod leader;
+pub mod status;
+pub mod translate;
+pub mod watch;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_proxy::table::spec::{ListenerProtocol, ListenerSpec, Spec};
+use strait_proxy::table::CompileError;
+use tokio::sync::watch as tokio_watch;
+use tokio::time::Instant;
+
+use crate::publisher::Publisher;
+use cluster::{Cluster, Key, Object};
+use events::{EventSink, Report};
+use status::{PublishSource, Served, ServedIngress, StatusWriter};
+use translate::{translate, Problem, TranslateOptions, Translation};
+use watch::{Update, WatchId};
+
+/// Counter of failed watch requests, by kind.
+pub const WATCH_ERRORS: &str = "strait_kubernetes_watch_errors_total";
+/// Counter of tables built from the cluster, by result.
+pub const TRANSLATIONS: &str = "strait_kubernetes_translations_total";
+/// Gauge of Ingresses of our class with a problem.
+pub const INGRESS_PROBLEMS: &str = "strait_kubernetes_ingress_problems";
+/// Name of the listener that serves Ingress routes over plain HTTP.
+pub const HTTP_LISTENER: &str = "kubernetes-http";
+
+/// How the Kubernetes source runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Which Ingresses are ours.
+    pub translate: TranslateOptions,
+    /// Namespaces to watch; empty: all.
+    pub namespaces: Vec<String>,
+    /// Address of the HTTP listener for Ingress routes.
+    pub http_addr: String,
+    /// Where the address written into Ingress status comes from.
+    pub publish: PublishSource,
+    /// Quiet time after a change before the table is rebuilt, so a burst (a rollout, a
+    /// `kubectl apply -f dir/`) becomes one table.
+    pub debounce: Duration,
+    /// Longest a rebuild waits while changes keep coming.
+    pub max_delay: Duration,
+    /// This replica's name for leader election and Events (the pod name).
+    pub identity: String,
+    /// Namespace of the leader-election Lease (the pod's namespace).
+    pub lease_namespace: String,
+}
+
+/// The static configuration plus the listener Ingress routes are served on, so that every
+/// listener is bound at startup, before any table exists.
+pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
+    spec.listeners.push(ListenerSpec {
+        name: HTTP_LISTENER.into(),
+        address: options.http_addr.clone(),
+        protocol: ListenerProtocol::Http,
+        tcp: None,
+        routes: Vec::new(),
+        default_route: None,
+        routes_from: None,
+        tls: None,
+    });
+    spec
+}
+
+/// Runs the source until `shutdown`: watches, translates and publishes.
+pub async fn run(
+    client: kube::Client,
+    options: Options,
+    publisher: Publisher,
+    base: Spec,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let (ids, mut updates) = watch::start(&client, &options.namespaces);
+    let (stop_tx, stop_rx) = tokio_watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let leader = leader::LeaderElection::new(
+        client.clone(),
+        options.lease_namespace.clone(),
+        format!("strait-{}", options.translate.ingress_class),
+        options.identity.clone(),
+    )
+    .spawn(stopped());
+    let (served_tx, served_rx) = tokio_watch::channel(Arc::new(Served::default()));
+    tokio::spawn(
+        StatusWriter::new(client.clone(), options.publish.clone()).run(
+            leader,
+            served_rx,
+            stopped(),
+        ),
+    );
+    let events = EventSink::start(client, options.identity.clone());
+    let mut controller = Controller::new(options, publisher, base, Some(events), served_tx);
+    let mut pending: HashSet<WatchId> = ids.into_iter().collect();
+    let mut dirty: Option<(Instant, Instant)> = None;
+    tokio::pin!(shutdown);
+    loop {
+        let deadline = dirty.filter(|_| pending.is_empty()).map(|(first, last)| {
+            (last + controller.options.debounce).min(first + controller.options.max_delay)
+        });
+        tokio::select! {
+            update = updates.recv() => {
+                let Some(update) = update else { break };
+                if let Update::Listed { kind, namespace, .. } = &update {
+                    let was_pending = pending.remove(&WatchId { kind: *kind, namespace: namespace.clone() });
+                    if was_pending && pending.is_empty() {
+                        tracing::info!("every watch has listed; building the first table");
+                    }
+                }
+                controller.apply(update);
+                let now = Instant::now();
+                dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
+            }
+            () = sleep_until(deadline) => {
+                dirty = None;
+                controller.rebuild();
+            }
+            () = controller.publisher.dns_changed() => {
+                // An ExternalName Service's DNS answer changed: same table, new endpoints.
+                if let Err(errors) = controller.publisher.rebuild() {
+                    let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                    tracing::warn!(errors = %list.join("; "), "rebuild after a DNS change rejected");
+                }
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    let _ = stop_tx.send(true);
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What changed since the last table.
+#[derive(Debug, Default)]
+struct Dirty {
+    /// Anything but EndpointSlices changed: translate everything.
+    full: bool,
+    /// Services whose EndpointSlices changed.
+    services: HashSet<Key>,
+}
+
+/// The single writer: applies watch updates to the cluster view and publishes tables.
+/// [`run`] drives it from the watches; benchmarks drive it directly.
+pub struct Controller {
+    /// The translation in force, kept for endpoint-only updates.
+    last: Option<Translation>,
+    dirty: Dirty,
+    options: Options,
+    publisher: Publisher,
+    base: Spec,
+    cluster: Cluster,
+    events: Option<EventSink>,
+    /// Problems already reported, per Ingress: each is reported once while it lasts.
+    reported: HashMap<Key, HashSet<(&'static str, String)>>,
+    served: tokio_watch::Sender<Arc<Served>>,
+}
+
+/// Attempts at publishing one rebuild: each failed attempt leaves out the Ingresses the
+/// compiler's errors point at.
+const PUBLISH_ATTEMPTS: usize = 4;
+
+impl Controller {
+    /// A controller publishing through `publisher`; `base` is the static configuration
+    /// (with the Kubernetes listener, see [`base_spec`]). Without `events`, problems are
+    /// only logged.
+    pub fn new(
+        options: Options,
+        publisher: Publisher,
+        base: Spec,
+        events: Option<EventSink>,
+        served: tokio_watch::Sender<Arc<Served>>,
+    ) -> Self {
+        Self {
+            last: None,
+            dirty: Dirty::default(),
+            options,
+            publisher,
+            base,
+            cluster: Cluster::default(),
+            events,
+            reported: HashMap::new(),
+            served,
+        }
+    }
+
+    /// Applies one update from a watch to the cluster view (nothing is published).
+    pub fn apply(&mut self, update: Update) {
+        match &update {
+            Update::Apply(Object::EndpointSlice(s)) | Update::Delete(Object::EndpointSlice(s)) => {
+                // The Service it belonged to before (relabelled slices) and after.
+                let old = self
+                    .cluster
+                    .slices
+                    .get(&Key::of(&**s))
+                    .and_then(|o| cluster::service_of(o));
+                self.dirty.services.extend(old);
+                self.dirty.services.extend(cluster::service_of(s));
+            }
+            _ => self.dirty.full = true,
+        }
+        match update {
+            Update::Apply(o) => self.cluster.apply(o),
+            Update::Delete(o) => self.cluster.delete(&o),
+            Update::Listed {
+                kind,
+                namespace,
+                objects,
+            } => self.cluster.replace(kind, namespace.as_deref(), objects),
+        }
+    }
+
+    /// Publishes what changed since the last call: new endpoints only, when only
+    /// EndpointSlices changed; else a full translation. Ingresses whose routes the proxy's
+    /// compiler rejects are left out and reported; the rest is published.
+    pub fn rebuild(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        if !dirty.full && self.last.is_some() {
+            self.update_endpoints(&dirty.services);
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut excluded: HashMap<Key, Problem> = HashMap::new();
+        for _ in 0..PUBLISH_ATTEMPTS {
+            let t = translate(&self.cluster, &self.options.translate, &excluded);
+            let (spec, owners) = self.merge(&t);
+            match self.publisher.publish_generated(spec.clone(), "kubernetes") {
+                Ok(generation) => {
+                    metrics::counter!(TRANSLATIONS, "result" => "published").increment(1);
+                    tracing::info!(
+                        generation,
+                        routes = t.routes.len(),
+                        backends = t.backends.len(),
+                        ingresses = t.served.len(),
+                        problems = t.problems.len(),
+                        took = ?started.elapsed(),
+                        "published table from the cluster"
+                    );
+                    self.report(&t);
+                    self.last = Some(t);
+                    return;
+                }
+                Err(errors) => {
+                    let blamed = blame(&spec, &owners, &t, &errors);
+                    if blamed.is_empty() {
+                        metrics::counter!(TRANSLATIONS, "result" => "rejected").increment(1);
+                        let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                        tracing::error!(
+                            errors = %list.join("; "),
+                            "table from the cluster rejected; the table in force stays"
+                        );
+                        return;
+                    }
+                    for (key, message) in blamed {
+                        excluded.entry(key.clone()).or_insert(Problem {
+                            ingress: key,
+                            reason: "Rejected",
+                            message,
+                        });
+                    }
+                }
+            }
+        }
+        metrics::counter!(TRANSLATIONS, "result" => "rejected").increment(1);
+        tracing::error!("table from the cluster still rejected after leaving out the Ingresses at fault; the table in force stays");
+    }
+
+    /// Publishes new endpoints for the backends of `services` without translating or
+    /// compiling anything else.
+    fn update_endpoints(&mut self, services: &HashSet<Key>) {
+        let started = std::time::Instant::now();
+        let Some(last) = self.last.as_mut() else {
+            return;
+        };
+        let mut changed = Vec::new();
+        for (name, source) in &last.sources {
+            if !services.contains(&source.service) {
+                continue;
+            }
+            let endpoints = translate::endpoints(&self.cluster, source);
+            // Backends are sorted by name (see `translate`).
+            let Ok(i) = last.backends.binary_search_by(|b| b.name.as_str().cmp(name)) else {
+                continue;
+            };
+            let backend = &mut last.backends[i];
+            if backend.endpoints != endpoints {
+                backend.endpoints = endpoints;
+                changed.push(backend.clone());
+            }
+        }
+        if changed.is_empty() {
+            return;
+        }
+        let count = changed.len();
+        match self.publisher.update_backends(changed) {
+            Ok(generation) => {
+                metrics::counter!(TRANSLATIONS, "result" => "endpoints").increment(1);
+                tracing::info!(
+                    generation,
+                    backends = count,
+                    took = ?started.elapsed(),
+                    "published new endpoints"
+                );
+            }
+            Err(errors) => {
+                // Endpoints come from validated slices, so this is a bug; a full rebuild
+                // sorts it out with Ingress-level blame.
+                let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                tracing::error!(errors = %list.join("; "), "endpoint update rejected; rebuilding");
+                self.dirty.full = true;
+                self.last = None;
+                self.rebuild();
+            }
+        }
+    }
+
+    /// The static configuration with the translated routes and backends added.
+    fn merge(&self, t: &Translation) -> (Spec, HashMap<String, Key>) {
+        let mut spec = self.base.clone();
+        if let Some(l) = spec.listeners.iter_mut().find(|l| l.name == HTTP_LISTENER) {
+            l.routes = t.routes.clone();
+            l.default_route = t.default_route.clone();
+        }
+        spec.backends.extend(t.backends.iter().cloned());
+        (spec, t.owners.clone())
+    }
+
+    /// Logs and reports (as Events) problems not reported before, and hands the served
+    /// Ingresses to the status writer.
+    fn report(&mut self, t: &Translation) {
+        let mut now: HashMap<Key, HashSet<(&'static str, String)>> = HashMap::new();
+        for p in &t.problems {
+            now.entry(p.ingress.clone())
+                .or_default()
+                .insert((p.reason, p.message.clone()));
+            let new = !self
+                .reported
+                .get(&p.ingress)
+                .is_some_and(|s| s.contains(&(p.reason, p.message.clone())));
+            if !new {
+                continue;
+            }
+            tracing::warn!(ingress = %p.ingress, reason = p.reason, "{}", p.message);
+            if let (Some(ing), Some(events)) = (self.cluster.ingresses.get(&p.ingress), &self.events) {
+                events.report(Report {
+                    ingress: Arc::clone(ing),
+                    warning: true,
+                    reason: p.reason.to_owned(),
+                    note: p.message.clone(),
+                });
+            }
+        }
+        metrics::gauge!(INGRESS_PROBLEMS).set(now.len() as f64);
+        self.reported = now;
+        let ingresses = t
+            .served
+            .iter()
+            .filter_map(|k| self.cluster.ingresses.get(k))
+            .map(|ing| ServedIngress {
+                namespace: ing.metadata.namespace.clone().unwrap_or_default(),
+                name: ing.metadata.name.clone().unwrap_or_default(),
+                current: ing
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.load_balancer.as_ref())
+                    .and_then(|lb| lb.ingress.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        let _ = self.served.send(Arc::new(Served { ingresses }));
+    }
+}
+
+/// The Ingresses the compiler's errors point at, with the error text for their Event.
+fn blame(
+    spec: &Spec,
+    owners: &HashMap<String, Key>,
+    t: &Translation,
+    errors: &[CompileError],
+) -> Vec<(Key, String)> {
+    let mut out = Vec::new();
+    for e in errors {
+        let mut routes: Vec<&str> = Vec::new();
+        if let Some(rest) = e.path.strip_prefix("listeners[") {
+            let li: Option<usize> = rest.split(']').next().and_then(|n| n.parse().ok());
+            let listener = li.and_then(|i| spec.listeners.get(i));
+            let after = rest.split_once("].").map_or("", |(_, a)| a);
+            if let Some(l) = listener {
+                if let Some(r) = after.strip_prefix("routes[") {
+                    let ri: Option<usize> = r.split(']').next().and_then(|n| n.parse().ok());
+                    routes.extend(
+                        ri.and_then(|i| l.routes.get(i))
+                            .and_then(|r| r.name.as_deref()),
+                    );
+                } else if after.starts_with("default_route") {
+                    routes.extend(l.default_route.as_ref().and_then(|r| r.name.as_deref()));
+                }
+            }
+        } else if let Some(rest) = e.path.strip_prefix("backends[") {
+            let bi: Option<usize> = rest.split(']').next().and_then(|n| n.parse().ok());
+            if let Some(b) = bi.and_then(|i| spec.backends.get(i)) {
+                let uses = |r: &strait_proxy::table::spec::RouteSpec| {
+                    r.forward
+                        .as_ref()
+                        .is_some_and(|f| f.backend.as_deref() == Some(&b.name))
+                };
+                for r in t.routes.iter().chain(&t.default_route).filter(|r| uses(r)) {
+                    routes.extend(r.name.as_deref());
+                }
+            }
+        }
+        for r in routes {
+            if let Some(k) = owners.get(r) {
+                out.push((k.clone(), e.to_string()));
+            }
+        }
+    }
+    out
+}

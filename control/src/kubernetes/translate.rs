@@ -1,0 +1,489 @@
+//! Cluster objects -> routes and backends, in Strait's own configuration schema.
+//!
+//! Pure: reads a [`Cluster`], returns a [`Translation`]. Each Ingress is checked on its own,
+//! and one with a problem (missing Service or port, bad path, bad annotation) is left out
+//! whole and reported; everything else applies. Conflicts between Ingresses for the same
+//! host and path go to the oldest (then namespace/name), and the others are reported.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::{Service, ServicePort};
+use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressServiceBackend};
+use strait_proxy::table::spec::{
+    BackendSpec, EndpointSpec, MatchSpec, Policy, RouteSpec, UpstreamProtocol,
+};
+
+use super::annotations::{self, IngressSettings};
+use super::cluster::{Cluster, Key};
+
+/// The controller name an IngressClass must have for Strait to serve its Ingresses.
+pub const CONTROLLER: &str = "strait.io/ingress-controller";
+/// Marks an IngressClass as the cluster default, for Ingresses without a class.
+pub const DEFAULT_CLASS_ANNOTATION: &str = "ingressclass.kubernetes.io/is-default-class";
+/// The class annotation from before `ingressClassName` existed, still widely used.
+pub const LEGACY_CLASS_ANNOTATION: &str = "kubernetes.io/ingress.class";
+
+/// What to translate.
+#[derive(Debug, Clone)]
+pub struct TranslateOptions {
+    /// The IngressClass this Strait serves.
+    pub ingress_class: String,
+    /// The controller name that class must carry.
+    pub controller: String,
+}
+
+impl Default for TranslateOptions {
+    fn default() -> Self {
+        Self {
+            ingress_class: "strait".into(),
+            controller: CONTROLLER.into(),
+        }
+    }
+}
+
+/// Why an Ingress (or part of it) is not served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The Ingress.
+    pub ingress: Key,
+    /// A short CamelCase reason, as Kubernetes Events carry.
+    pub reason: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// Where a backend's endpoints come from, so an EndpointSlice change can recompute just
+/// the backends of its Service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSource {
+    /// The Service.
+    pub service: Key,
+    /// The name of the Service port (empty for an unnamed single port).
+    pub port_name: String,
+}
+
+/// The result of a translation.
+#[derive(Debug, Default, Clone)]
+pub struct Translation {
+    /// Routes for the Kubernetes HTTP listener.
+    pub routes: Vec<RouteSpec>,
+    /// The listener's default route, from the oldest Ingress with a `defaultBackend`.
+    pub default_route: Option<RouteSpec>,
+    /// Backends the routes use, sorted by name.
+    pub backends: Vec<BackendSpec>,
+    /// Where each Service backend's endpoints come from, by backend name.
+    pub sources: BTreeMap<String, EndpointSource>,
+    /// Ingresses of our class that apply (maybe partly, after conflicts).
+    pub served: Vec<Key>,
+    /// Problems, per Ingress.
+    pub problems: Vec<Problem>,
+    /// The Ingress each route came from, by route name.
+    pub owners: HashMap<String, Key>,
+}
+
+/// Translates every Ingress of our class. `excluded` Ingresses are left out (with their
+/// problem already known), as when the proxy's compiler rejected what they produced.
+pub fn translate(
+    cluster: &Cluster,
+    options: &TranslateOptions,
+    excluded: &HashMap<Key, Problem>,
+) -> Translation {
+    let mut out = Translation::default();
+    let mut ours: Vec<(&Key, &Ingress)> = cluster
+        .ingresses
+        .iter()
+        .filter(|(_, ing)| is_ours(cluster, options, ing))
+        .map(|(k, ing)| (k, &**ing))
+        .collect();
+    // Oldest first, then namespace/name: the order in which conflicts are won.
+    ours.sort_by(|(ka, a), (kb, b)| {
+        let ta = a.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let tb = b.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        ta.cmp(&tb).then_with(|| ka.cmp(kb))
+    });
+    let mut backends: BTreeMap<String, BackendSpec> = BTreeMap::new();
+    // (host, exact?, path) -> the Ingress that has it.
+    let mut taken: HashMap<(String, bool, String), Key> = HashMap::new();
+    let mut default_owner: Option<Key> = None;
+
+    for (key, ing) in ours {
+        if let Some(p) = excluded.get(key) {
+            out.problems.push(p.clone());
+            continue;
+        }
+        match translate_ingress(cluster, key, ing) {
+            Ok(t) => {
+                let mut applied = 0;
+                for (conflict_key, route) in t.routes {
+                    if let Some(owner) = taken.get(&conflict_key) {
+                        out.problems.push(Problem {
+                            ingress: key.clone(),
+                            reason: "Conflict",
+                            message: format!(
+                                "host {:?} path {:?} is already served by Ingress {owner} \
+                                 (older, or first by namespace/name); this path is ignored",
+                                or_any(&conflict_key.0),
+                                conflict_key.2
+                            ),
+                        });
+                        continue;
+                    }
+                    taken.insert(conflict_key, key.clone());
+                    out.owners
+                        .insert(route.name.clone().unwrap_or_default(), key.clone());
+                    out.routes.push(route);
+                    applied += 1;
+                }
+                if let Some(route) = t.default_route {
+                    match &default_owner {
+                        Some(owner) => out.problems.push(Problem {
+                            ingress: key.clone(),
+                            reason: "Conflict",
+                            message: format!(
+                                "defaultBackend is already set by Ingress {owner}; this one \
+                                 is ignored"
+                            ),
+                        }),
+                        None => {
+                            default_owner = Some(key.clone());
+                            out.owners
+                                .insert(route.name.clone().unwrap_or_default(), key.clone());
+                            out.default_route = Some(route);
+                            applied += 1;
+                        }
+                    }
+                }
+                for (b, source) in t.backends {
+                    if let Some(s) = source {
+                        out.sources.insert(b.name.clone(), s);
+                    }
+                    backends.entry(b.name.clone()).or_insert(b);
+                }
+                out.problems.extend(t.warnings);
+                if applied > 0 || t.empty {
+                    out.served.push(key.clone());
+                }
+            }
+            Err(p) => out.problems.push(p),
+        }
+    }
+    out.backends = backends.into_values().collect();
+    out
+}
+
+/// Whether Strait serves this Ingress: its class names our IngressClass (which must carry
+/// our controller), or it has no class and ours is the cluster default.
+pub fn is_ours(cluster: &Cluster, options: &TranslateOptions, ing: &Ingress) -> bool {
+    let class = cluster.classes.get(&options.ingress_class).filter(|c| {
+        c.spec.as_ref().and_then(|s| s.controller.as_deref()) == Some(&options.controller)
+    });
+    let Some(class) = class else {
+        return false;
+    };
+    let named = ing
+        .spec
+        .as_ref()
+        .and_then(|s| s.ingress_class_name.as_deref());
+    let legacy = ing
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LEGACY_CLASS_ANNOTATION))
+        .map(String::as_str);
+    match named.or(legacy) {
+        Some(name) => name == options.ingress_class,
+        None => class
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(DEFAULT_CLASS_ANNOTATION))
+            .is_some_and(|v| v == "true"),
+    }
+}
+
+/// One Ingress, translated: its routes keyed for conflict detection, its backends.
+struct IngressRoutes {
+    routes: Vec<((String, bool, String), RouteSpec)>,
+    default_route: Option<RouteSpec>,
+    backends: Vec<(BackendSpec, Option<EndpointSource>)>,
+    /// Problems that do not keep the Ingress out (its `tls` section, served later).
+    warnings: Vec<Problem>,
+    /// It has neither rules with paths nor a default backend.
+    empty: bool,
+}
+
+fn translate_ingress(
+    cluster: &Cluster,
+    key: &Key,
+    ing: &Ingress,
+) -> Result<IngressRoutes, Problem> {
+    let problem = |reason, message: String| Problem {
+        ingress: key.clone(),
+        reason,
+        message,
+    };
+    let settings = match ing.metadata.annotations.as_ref() {
+        Some(a) => annotations::parse(a).map_err(|errors| {
+            let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            problem("InvalidAnnotation", list.join("; "))
+        })?,
+        None => IngressSettings::default(),
+    };
+    let mut out = IngressRoutes {
+        routes: Vec::new(),
+        default_route: None,
+        backends: Vec::new(),
+        warnings: Vec::new(),
+        empty: false,
+    };
+    let Some(spec) = &ing.spec else {
+        out.empty = true;
+        return Ok(out);
+    };
+    let mut backend_for = |b: &IngressBackend, path: &str| -> Result<String, Problem> {
+        let svc = match (&b.service, &b.resource) {
+            (Some(s), _) => s,
+            (None, Some(r)) => {
+                return Err(problem(
+                    "UnsupportedBackend",
+                    format!(
+                        "{path}: resource backends ({} {}) are not supported; use a Service",
+                        r.kind, r.name
+                    ),
+                ))
+            }
+            (None, None) => {
+                return Err(problem(
+                    "InvalidBackend",
+                    format!("{path}: backend names no Service"),
+                ))
+            }
+        };
+        let (mut backend, source) = service_backend(cluster, &key.namespace, svc)
+            .map_err(|m| problem("BackendNotFound", format!("{path}: {m}")))?;
+        if settings.has_backend_settings() {
+            // The Ingress's own settings for a Service another Ingress may use plainly.
+            backend.name = format!("{}@{}", backend.name, key);
+            settings.apply_backend(&mut backend);
+        }
+        let name = backend.name.clone();
+        if !out.backends.iter().any(|(b, _)| b.name == name) {
+            out.backends.push((backend, source));
+        }
+        Ok(name)
+    };
+
+    if let Some(b) = &spec.default_backend {
+        let backend = backend_for(b, "defaultBackend")?;
+        let mut route = RouteSpec::forward(format!("{key}/default"), MatchSpec::default(), backend);
+        settings.apply_route(&mut route);
+        out.default_route = Some(route);
+    }
+    let mut any_path = false;
+    for (i, rule) in spec.rules.iter().flatten().enumerate() {
+        let host = rule.host.clone().unwrap_or_default();
+        let Some(http) = &rule.http else {
+            continue;
+        };
+        for (j, p) in http.paths.iter().enumerate() {
+            any_path = true;
+            let at = format!("rules[{i}].http.paths[{j}]");
+            let raw = p.path.as_deref().unwrap_or("/");
+            if !raw.starts_with('/') {
+                return Err(problem(
+                    "InvalidPath",
+                    format!("{at}: path {raw:?} must start with '/'"),
+                ));
+            }
+            let exact = match p.path_type.as_str() {
+                "Exact" => true,
+                // ImplementationSpecific: Strait's own choice is element-wise prefix
+                // matching, the same as Prefix (docs/kubernetes.md).
+                "Prefix" | "ImplementationSpecific" => false,
+                other => {
+                    return Err(problem(
+                        "InvalidPath",
+                        format!(
+                            "{at}: pathType {other:?} is not one of Exact, Prefix, \
+                             ImplementationSpecific"
+                        ),
+                    ))
+                }
+            };
+            let path = if exact {
+                raw.to_owned()
+            } else {
+                // `/foo/` and `/foo` are the same prefix under element-wise matching.
+                let trimmed = raw.trim_end_matches('/');
+                if trimmed.is_empty() { "/" } else { trimmed }.to_owned()
+            };
+            let backend = backend_for(&p.backend, &at)?;
+            let matches = MatchSpec {
+                hosts: if host.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![host.clone()]
+                },
+                prefix: (!exact).then(|| path.clone()),
+                exact: exact.then(|| path.clone()),
+                methods: Vec::new(),
+                headers: Vec::new(),
+            };
+            let mut route = RouteSpec::forward(format!("{key}/{i}/{j}"), matches, backend);
+            settings.apply_route(&mut route);
+            out.routes.push(((host.clone(), exact, path), route));
+        }
+    }
+    out.empty = !any_path && out.default_route.is_none();
+    for (i, tls) in spec.tls.iter().flatten().enumerate() {
+        if let Some(m) = check_tls(cluster, &key.namespace, tls.secret_name.as_deref()) {
+            out.warnings
+                .push(problem("InvalidTLS", format!("tls[{i}]: {m}")));
+        }
+    }
+    Ok(out)
+}
+
+/// The backend for a Service port, named `namespace/service:port`, with its endpoints.
+pub fn service_backend(
+    cluster: &Cluster,
+    namespace: &str,
+    b: &IngressServiceBackend,
+) -> Result<(BackendSpec, Option<EndpointSource>), String> {
+    let key = Key::new(namespace, &b.name);
+    let Some(svc) = cluster.services.get(&key) else {
+        return Err(format!("Service {key} does not exist"));
+    };
+    let spec = svc.spec.as_ref();
+    let wanted = b.port.as_ref();
+    let number = wanted.and_then(|p| p.number);
+    let port_name = wanted.and_then(|p| p.name.as_deref());
+    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
+        let target = spec.and_then(|s| s.external_name.as_deref()).unwrap_or("");
+        let port = number
+            .or_else(|| {
+                let p = find_port(svc, None, port_name)?;
+                Some(p.port)
+            })
+            .ok_or_else(|| {
+                format!("ExternalName Service {key} needs a port number in the Ingress backend")
+            })?;
+        let mut backend = BackendSpec::new(format!("{key}:{port}"), Vec::new());
+        backend.dns = Some(format!("{target}:{port}"));
+        return Ok((backend, None));
+    }
+    let Some(port) = find_port(svc, number, port_name) else {
+        let what = number.map_or_else(
+            || format!("{:?}", port_name.unwrap_or("")),
+            |n| n.to_string(),
+        );
+        return Err(format!("Service {key} has no port {what}"));
+    };
+    let source = EndpointSource {
+        service: key.clone(),
+        port_name: port.name.clone().unwrap_or_default(),
+    };
+    let mut backend = BackendSpec::new(format!("{key}:{}", port.port), endpoints(cluster, &source));
+    if matches!(
+        port.app_protocol.as_deref(),
+        Some("kubernetes.io/h2c" | "h2c" | "grpc")
+    ) {
+        backend.protocol = UpstreamProtocol::H2c;
+    }
+    if spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP") {
+        // Consistent hashing on the client address: the same client keeps its pod while
+        // the endpoint set is stable, as kube-proxy's ClientIP affinity promises.
+        backend.policy = Policy::RingHash;
+    }
+    Ok((backend, Some(source)))
+}
+
+fn find_port<'a>(
+    svc: &'a Service,
+    number: Option<i32>,
+    name: Option<&str>,
+) -> Option<&'a ServicePort> {
+    let ports = svc.spec.as_ref()?.ports.as_ref()?;
+    ports.iter().find(|p| match (number, name) {
+        (Some(n), _) => p.port == n,
+        (None, Some(name)) => p.name.as_deref() == Some(name),
+        (None, None) => ports.len() == 1,
+    })
+}
+
+/// The endpoints of a Service port from its EndpointSlices: ready ones; if none is ready,
+/// the ones still serving while terminating (kube-proxy's fallback), so a rollout's last
+/// pods keep answering rather than the route failing outright.
+pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec> {
+    let mut ready: Vec<(IpAddr, u16)> = Vec::new();
+    let mut terminating: Vec<(IpAddr, u16)> = Vec::new();
+    for slice in cluster.slices_of(&source.service) {
+        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+            continue;
+        }
+        // Slice ports carry the Service port's name and this slice's target port number.
+        let port = slice.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == source.port_name
+                && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+        });
+        let Some(port) = port
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            // Consumers use the first address; the others belong to the same pod.
+            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
+                continue;
+            };
+            let c = ep.conditions.as_ref();
+            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
+            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
+            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+            if is_ready {
+                ready.push((ip, port));
+            } else if serving && is_terminating {
+                terminating.push((ip, port));
+            }
+        }
+    }
+    let mut chosen = if ready.is_empty() { terminating } else { ready };
+    // A pod can sit in two slices for a moment while the slice controller moves it.
+    chosen.sort_unstable();
+    chosen.dedup();
+    chosen
+        .into_iter()
+        .map(|(ip, port)| EndpointSpec::Address(std::net::SocketAddr::new(ip, port).to_string()))
+        .collect()
+}
+
+/// Checks an Ingress `tls` entry's Secret; `None` when it is usable.
+fn check_tls(cluster: &Cluster, namespace: &str, secret: Option<&str>) -> Option<String> {
+    let name = secret?;
+    let key = Key::new(namespace, name);
+    let Some(s) = cluster.secrets.get(&key) else {
+        return Some(format!(
+            "Secret {key} does not exist (or is not of type kubernetes.io/tls)"
+        ));
+    };
+    let data = s.data.as_ref();
+    for field in ["tls.crt", "tls.key"] {
+        if data
+            .and_then(|d| d.get(field))
+            .is_none_or(|v| v.0.is_empty())
+        {
+            return Some(format!("Secret {key} has no {field}"));
+        }
+    }
+    None
+}
+
+fn or_any(host: &str) -> &str {
+    if host.is_empty() {
+        "*"
+    } else {
+        host
+    }
+}

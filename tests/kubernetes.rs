@@ -1,0 +1,770 @@
+//! Strait as an Ingress controller, end to end: the binary watches the Kubernetes API
+//! stand-in through a kubeconfig file, and routes real requests to upstreams in test pods
+//! (network namespaces with private addresses, as EndpointSlices must hold).
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use support::k8s::{self, Path, NOT_READY, READY, TERMINATING};
+use support::kube_api::KubeApi;
+use support::netns::Pod;
+use support::{client, eventually, get_host, tempdir, Binary, Upstream};
+
+const WAIT: Duration = Duration::from_secs(15);
+const PORT: u16 = 8080;
+
+/// The stand-in with Strait's IngressClass and a namespace `apps`.
+async fn cluster() -> (KubeApi, tempdir::Dir) {
+    let api = KubeApi::start().await;
+    api.apply(k8s::ingress_class(
+        "strait",
+        "strait.io/ingress-controller",
+        false,
+    ));
+    api.apply(k8s::namespace("apps"));
+    (api, tempdir::Dir::new("k8s"))
+}
+
+/// `n` pods, each serving `name-i` on [`PORT`].
+fn pods(name: &str, n: usize) -> (Vec<Pod>, Vec<Upstream>) {
+    let pods: Vec<Pod> = (0..n).map(|_| Pod::create()).collect();
+    let ups = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.upstream_on(&format!("{name}-{i}"), PORT))
+        .collect();
+    (pods, ups)
+}
+
+fn ready(pods: &[Pod]) -> Vec<(std::net::IpAddr, k8s::Cond)> {
+    pods.iter().map(|p| (p.ip(), READY)).collect()
+}
+
+async fn wait_ready(strait: &Binary) {
+    let c = client();
+    let url = strait.admin_url("/ready");
+    eventually(WAIT, "strait is ready", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { support::get(&c, &url).await.status == 200 }
+    })
+    .await;
+}
+
+/// Waits until requests for `host` get `status` with a body for which `body` holds.
+async fn until(strait: &Binary, host: &str, what: &str, check: impl Fn(u16, &str) -> bool) {
+    let c = client();
+    let url = strait.url("/");
+    eventually(WAIT, what, || {
+        let (c, url) = (c.clone(), url.clone());
+        let r = async move { get_host(&c, &url, host).await };
+        let check = &check;
+        async move {
+            let r = r.await;
+            check(r.status.as_u16(), &r.body)
+        }
+    })
+    .await;
+}
+
+/// Sends `n` requests for `host` and counts answers by body (non-200s as `status NNN`).
+async fn spread(strait: &Binary, host: &str, path: &str, n: usize) -> HashMap<String, usize> {
+    let c = client();
+    let mut seen = HashMap::new();
+    for _ in 0..n {
+        let r = get_host(&c, &strait.url(path), host).await;
+        let key = if r.status == 200 {
+            r.body
+        } else {
+            format!("status {}", r.status.as_u16())
+        };
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_routes_to_ready_pods_of_the_service() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 3);
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods),
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "web.example.com",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+
+    let seen = spread(&strait, "web.example.com", "/", 30).await;
+    assert_eq!(seen.len(), 3, "every pod answers: {seen:?}");
+    assert!(seen.values().all(|&n| n == 10), "round robin: {seen:?}");
+    // Another host has no route.
+    let r = get_host(&client(), &strait.url("/"), "other.example.com").await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn named_target_ports_resolve_per_slice_and_exact_beats_prefix() {
+    let (api, dir) = cluster().await;
+    // Two pods listen on different ports for the same named Service port, as during a
+    // rollout that changes the container port: each slice says which.
+    let a = Pod::create();
+    let b = Pod::create();
+    let _ua = a.upstream_on("api-old", 8080);
+    let _ub = b.upstream_on("api-new", 9090);
+    let _exact_pod = Pod::create();
+    let _ue = _exact_pod.upstream_on("exact", 7000);
+    api.apply(k8s::service("apps", "api", &[("web", 80, "http-port")]));
+    api.apply(k8s::slice(
+        "apps",
+        "api-1",
+        "api",
+        &[("web", 8080)],
+        &[(a.ip(), READY)],
+    ));
+    api.apply(k8s::slice(
+        "apps",
+        "api-2",
+        "api",
+        &[("web", 9090)],
+        &[(b.ip(), READY)],
+    ));
+    api.apply(k8s::service("apps", "exact", &[("", 7000, "7000")]));
+    api.apply(k8s::slice(
+        "apps",
+        "exact-1",
+        "exact",
+        &[("", 7000)],
+        &[(_exact_pod.ip(), READY)],
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "api",
+        Some("strait"),
+        "api.example.com",
+        &[
+            Path("/v1", "Prefix", "api", "web"),
+            Path("/v1/health", "Exact", "exact", "7000"),
+        ],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+
+    let seen = spread(&strait, "api.example.com", "/v1/items", 20).await;
+    assert_eq!(seen.get("api-old"), Some(&10), "{seen:?}");
+    assert_eq!(seen.get("api-new"), Some(&10), "{seen:?}");
+    let seen = spread(&strait, "api.example.com", "/v1/health", 3).await;
+    assert_eq!(seen.get("exact"), Some(&3), "{seen:?}");
+    // Prefix matches whole path elements only.
+    let seen = spread(&strait, "api.example.com", "/v1x", 1).await;
+    assert_eq!(seen.get("status 404"), Some(&1), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_resort() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 2);
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods),
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+    assert_eq!(spread(&strait, "x", "/", 10).await.len(), 2);
+
+    // web-1 fails its readiness probe: no new requests reach it.
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &[(pods[0].ip(), READY), (pods[1].ip(), NOT_READY)],
+    ));
+    let c = client();
+    let url = strait.url("/");
+    eventually(WAIT, "only web-0 answers", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let mut all = true;
+            for _ in 0..6 {
+                all &= get_host(&c, &url, "x").await.body == "web-0";
+            }
+            all
+        }
+    })
+    .await;
+    let seen = spread(&strait, "x", "/", 20).await;
+    assert_eq!(seen.get("web-0"), Some(&20), "{seen:?}");
+
+    // Both terminating but still serving, none ready: they keep answering (kube-proxy's
+    // fallback) instead of the route failing.
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &[(pods[0].ip(), TERMINATING), (pods[1].ip(), TERMINATING)],
+    ));
+    eventually(WAIT, "both terminating pods answer", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            let mut bodies = std::collections::HashSet::new();
+            for _ in 0..6 {
+                bodies.insert(get_host(&c, &url, "x").await.body);
+            }
+            bodies.len() == 2
+        }
+    })
+    .await;
+    // A ready pod appears: terminating ones stop getting new requests.
+    let newcomer = Pod::create();
+    let _un = newcomer.upstream_on("web-new", PORT);
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &[
+            (pods[0].ip(), TERMINATING),
+            (pods[1].ip(), TERMINATING),
+            (newcomer.ip(), READY),
+        ],
+    ));
+    until(&strait, "x", "the ready pod takes over", |s, b| {
+        s == 200 && b == "web-new"
+    })
+    .await;
+    let seen = spread(&strait, "x", "/", 10).await;
+    assert_eq!(seen.get("web-new"), Some(&10), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminating_endpoint_finishes_its_in_flight_request() {
+    let (api, dir) = cluster().await;
+    let (pods, ups) = pods("web", 2);
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods),
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+
+    // Two slow requests, one per pod (round robin).
+    let c = client();
+    let slow = |c: support::HttpClient, url: String| async move {
+        support::send(
+            &c,
+            http::Request::get(url)
+                .header("host", "x")
+                .header("x-delay-ms", "1500")
+                .body(http_body_util::Empty::new())
+                .unwrap(),
+        )
+        .await
+    };
+    let first = tokio::spawn(slow(c.clone(), strait.url("/")));
+    let second = tokio::spawn(slow(c.clone(), strait.url("/")));
+    ups[0].wait_for_hits(1).await;
+    ups[1].wait_for_hits(1).await;
+    // web-1 starts terminating while its request is in flight.
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &[(pods[0].ip(), READY), (pods[1].ip(), TERMINATING)],
+    ));
+    let c2 = client();
+    let url = strait.url("/");
+    eventually(WAIT, "new requests avoid web-1", || {
+        let (c, url) = (c2.clone(), url.clone());
+        async move {
+            let mut all = true;
+            for _ in 0..4 {
+                all &= get_host(&c, &url, "x").await.body == "web-0";
+            }
+            all
+        }
+    })
+    .await;
+    let seen = spread(&strait, "x", "/", 10).await;
+    let (a, b) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
+    let mut bodies = [a.body, b.body];
+    bodies.sort();
+    assert_eq!(
+        bodies,
+        ["web-0", "web-1"],
+        "both in-flight requests finished"
+    );
+    assert!(seen.get("web-0").is_some_and(|&n| n >= 9), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_ingresses_of_our_class_are_served_and_the_default_class_takes_classless_ones() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods),
+    ));
+    let route = [Path("/", "Prefix", "web", "80")];
+    api.apply(k8s::ingress(
+        "apps",
+        "ours",
+        Some("strait"),
+        "ours.test",
+        &route,
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "theirs",
+        Some("nginx"),
+        "theirs.test",
+        &route,
+    ));
+    api.apply(k8s::ingress("apps", "classless", None, "none.test", &route));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+    let c = client();
+    let status = |host: &'static str| {
+        let (c, url) = (c.clone(), strait.url("/"));
+        async move { get_host(&c, &url, host).await.status.as_u16() }
+    };
+    assert_eq!(status("ours.test").await, 200);
+    assert_eq!(status("theirs.test").await, 404);
+    assert_eq!(status("none.test").await, 404);
+
+    // Our class becomes the default: the classless Ingress is ours now.
+    api.apply(k8s::ingress_class(
+        "strait",
+        "strait.io/ingress-controller",
+        true,
+    ));
+    until(
+        &strait,
+        "none.test",
+        "the classless Ingress is served",
+        |s, _| s == 200,
+    )
+    .await;
+    assert_eq!(status("theirs.test").await, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_backend_takes_unmatched_requests() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("fallback", 1);
+    let (web_pods, _web_ups) = pods_named("web", 1);
+    api.apply(k8s::service("apps", "fallback", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "fallback-a",
+        "fallback",
+        &[("", PORT)],
+        &ready(&pods),
+    ));
+    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("", PORT)],
+        &ready(&web_pods),
+    ));
+    let mut ing = k8s::ingress(
+        "apps",
+        "site",
+        Some("strait"),
+        "site.test",
+        &[Path("/app", "Prefix", "web", "80")],
+    );
+    ing["spec"]["defaultBackend"] =
+        json!({"service": {"name": "fallback", "port": {"number": 80}}});
+    api.apply(ing);
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+    let c = client();
+    assert_eq!(
+        get_host(&c, &strait.url("/app/x"), "site.test").await.body,
+        "web-0"
+    );
+    assert_eq!(
+        get_host(&c, &strait.url("/other"), "site.test").await.body,
+        "fallback-0"
+    );
+    assert_eq!(
+        get_host(&c, &strait.url("/"), "unknown.test").await.body,
+        "fallback-0"
+    );
+}
+
+fn pods_named(name: &str, n: usize) -> (Vec<Pod>, Vec<Upstream>) {
+    pods(name, n)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event() {
+    let (api, dir) = cluster().await;
+    let (a_pods, _a) = pods("first", 1);
+    let (b_pods, _b) = pods("second", 1);
+    api.apply(k8s::service("apps", "first", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "first-a",
+        "first",
+        &[("", PORT)],
+        &ready(&a_pods),
+    ));
+    api.apply(k8s::service("apps", "second", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "second-a",
+        "second",
+        &[("", PORT)],
+        &ready(&b_pods),
+    ));
+    // Created first: it keeps the host and path.
+    api.apply(k8s::ingress(
+        "apps",
+        "zz-older",
+        Some("strait"),
+        "shop.test",
+        &[Path("/", "Prefix", "first", "80")],
+    ));
+    // creationTimestamp has one-second resolution: wait for the server's clock to move on,
+    // so the second Ingress is strictly newer (its name sorts first, so a tie would go to it).
+    let created = api.get("ingresses", "apps", "zz-older").unwrap()["metadata"]
+        ["creationTimestamp"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    eventually(WAIT, "the API server's clock passes a second", || {
+        let moved = support::kube_api::meta::now_rfc3339() != created;
+        async move { moved }
+    })
+    .await;
+    api.apply(k8s::ingress(
+        "apps",
+        "aa-newer",
+        Some("strait"),
+        "shop.test",
+        &[
+            Path("/", "Prefix", "second", "80"),
+            Path("/extra", "Prefix", "second", "80"),
+        ],
+    ));
+    // Refers to a Service that does not exist: skipped whole, with an Event.
+    api.apply(k8s::ingress(
+        "apps",
+        "broken",
+        Some("strait"),
+        "broken.test",
+        &[Path("/", "Prefix", "missing", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+    let c = client();
+    assert_eq!(
+        get_host(&c, &strait.url("/"), "shop.test").await.body,
+        "first-0"
+    );
+    // The newer Ingress's other path still applies.
+    assert_eq!(
+        get_host(&c, &strait.url("/extra"), "shop.test").await.body,
+        "second-0"
+    );
+    assert_eq!(
+        get_host(&c, &strait.url("/"), "broken.test").await.status,
+        404
+    );
+
+    let events_for = |name: &str, reason: &str| {
+        api.events().into_iter().any(|e| {
+            e["regarding"]["name"] == name
+                && e["reason"] == reason
+                && e["type"] == "Warning"
+                && e["reportingController"] == "strait.io/ingress-controller"
+        })
+    };
+    eventually(WAIT, "events name the problems", || {
+        let ok = events_for("broken", "BackendNotFound") && events_for("aa-newer", "Conflict");
+        async move { ok }
+    })
+    .await;
+    let broken = api
+        .events()
+        .into_iter()
+        .find(|e| e["regarding"]["name"] == "broken")
+        .unwrap();
+    assert!(
+        broken["note"]
+            .as_str()
+            .unwrap()
+            .contains("Service apps/missing does not exist"),
+        "{broken}"
+    );
+
+    // The Service appears: the broken Ingress starts working, the others keep working.
+    let (m_pods, _m) = pods("missing", 1);
+    api.apply(k8s::service("apps", "missing", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "missing-a",
+        "missing",
+        &[("", PORT)],
+        &ready(&m_pods),
+    ));
+    until(
+        &strait,
+        "broken.test",
+        "the fixed Ingress is served",
+        |s, b| s == 200 && b == "missing-0",
+    )
+    .await;
+    assert_eq!(
+        get_host(&c, &strait.url("/"), "shop.test").await.body,
+        "first-0"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
+    let (api, dir) = cluster().await;
+    let (pods, ups) = pods("web", 4);
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods[..1]),
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+
+    // Load: 4 clients, bounded by count and time, counting every non-200.
+    let failures = Arc::new(AtomicUsize::new(0));
+    let sent = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (f, s, stop, url) = (
+            Arc::clone(&failures),
+            Arc::clone(&sent),
+            Arc::clone(&stop),
+            strait.url("/"),
+        );
+        load.push(tokio::spawn(async move {
+            let c = client();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            for _ in 0..20_000 {
+                if stop.load(Ordering::SeqCst) || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                let r = get_host(&c, &url, "x").await;
+                s.fetch_add(1, Ordering::SeqCst);
+                if r.status != 200 {
+                    f.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }));
+    }
+    // Scale up 1 -> 4, then down 4 -> 2 (the removed pods drain: they stay up, as pods do
+    // during their grace period).
+    for n in [2, 3, 4] {
+        api.apply(k8s::slice(
+            "apps",
+            "web-a",
+            "web",
+            &[("http", PORT)],
+            &ready(&pods[..n]),
+        ));
+        ups[n - 1].wait_for_hits(5).await;
+    }
+    let hits_before: Vec<usize> = ups.iter().map(Upstream::hits).collect();
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", PORT)],
+        &ready(&pods[..2]),
+    ));
+    // Once the new table is in force, the removed pods' counts stop moving.
+    let c = client();
+    let url = strait.url("/");
+    eventually(WAIT, "scaled-down pods stop getting requests", || {
+        let (c, url) = (c.clone(), url.clone());
+        let (h2, h3) = (ups[2].hits(), ups[3].hits());
+        let (u2, u3) = (Arc::clone(&ups[2].hits), Arc::clone(&ups[3].hits));
+        async move {
+            for _ in 0..20 {
+                get_host(&c, &url, "x").await;
+            }
+            u2.load(Ordering::SeqCst) == h2 && u3.load(Ordering::SeqCst) == h3
+        }
+    })
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    for l in load {
+        l.await.unwrap();
+    }
+    let total = sent.load(Ordering::SeqCst);
+    assert!(total > 100, "load ran: {total} requests");
+    assert_eq!(failures.load(Ordering::SeqCst), 0, "of {total} requests");
+    assert!(ups[3].hits() > hits_before[3].saturating_sub(1) && hits_before[3] > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_after_410() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("", PORT)],
+        &ready(&pods),
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "web.test",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+    // The very first table already has the route: no partial table was ever in force.
+    let first_table = strait
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains("published table from the cluster"))
+        .cloned()
+        .expect("a table was published");
+    let v: serde_json::Value = serde_json::from_str(&first_table).unwrap();
+    assert_eq!(v["generation"], 1);
+    assert_eq!(v["routes"], 1, "{first_table}");
+    assert_eq!(v["ingresses"], 1, "{first_table}");
+
+    // Expire every resourceVersion and cut the watches: they re-list (410 Gone), and a
+    // change made meanwhile is seen.
+    api.compact();
+    api.close_watches();
+    api.delete("ingresses", "apps", "web").unwrap();
+    until(
+        &strait,
+        "web.test",
+        "the deleted Ingress is gone",
+        |s, _| s == 404,
+    )
+    .await;
+    let relists = api
+        .requests()
+        .into_iter()
+        .filter(|(m, p, _)| m == "GET" && p.contains("/ingresses") && !p.contains("watch=true"))
+        .count();
+    assert!(relists >= 2, "ingresses listed again after 410: {relists}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_table() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("", PORT)],
+        &ready(&pods),
+    ));
+    for i in 0..20 {
+        api.apply(k8s::ingress(
+            "apps",
+            &format!("web-{i}"),
+            Some("strait"),
+            &format!("h{i}.test"),
+            &[Path("/", "Prefix", "web", "80")],
+        ));
+    }
+    let first = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&first).await;
+    drop(first); // killed, as a crashed pod
+
+    // The replacement starts while the API refuses every request; it must not serve.
+    api.set_unavailable(true);
+    let second = k8s::controller(&api, &dir, &[]).await;
+    let c = client();
+    let r = support::get(&c, &second.admin_url("/ready")).await;
+    assert_eq!(r.status, 503, "not ready without the API: {}", r.body);
+    api.set_unavailable(false);
+    wait_ready(&second).await;
+    let published: Vec<serde_json::Value> = second
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("published table from the cluster"))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        published[0]["ingresses"], 20,
+        "the first table is whole: {published:?}"
+    );
+    for i in 0..20 {
+        let r = get_host(&c, &second.url("/"), &format!("h{i}.test")).await;
+        assert_eq!(r.body, "web-0", "h{i}.test");
+    }
+}
