@@ -1,9 +1,11 @@
 //! Shared test harness: real upstream servers on 127.0.0.1:0, an in-process proxy, the
-//! built binary, and an `eventually` helper that polls with a deadline instead of sleeping.
+//! built binary, pods in network namespaces (`netns`), and an `eventually` helper that polls
+//! with a deadline instead of sleeping.
 #![allow(dead_code)]
 
 pub mod dns;
 pub mod kube_api;
+pub mod netns;
 pub mod tempdir;
 pub mod tls;
 
