@@ -1,10 +1,12 @@
 //! Shared test harness: real upstream servers on 127.0.0.1:0, an in-process proxy, the
-//! built binary, and an `eventually` helper that polls with a deadline instead of sleeping.
+//! built binary, pods in network namespaces (`netns`), and an `eventually` helper that polls
+//! with a deadline instead of sleeping.
 #![allow(dead_code)]
 
 pub mod dns;
 pub mod k8s;
 pub mod kube_api;
+pub mod netns;
 pub mod tempdir;
 pub mod tls;
 
@@ -75,6 +77,11 @@ impl Upstream {
             return (port, ups);
         }
         panic!("no port free on all of {ips:?}");
+    }
+
+    /// An upstream on a listener the caller bound, e.g. inside a [`netns::Pod`].
+    pub fn serve_listener(name: &str, listener: TcpListener) -> Self {
+        Self::serve(name, listener, Duration::ZERO)
     }
 
     fn serve(name: &str, listener: TcpListener, delay: Duration) -> Self {
@@ -510,11 +517,20 @@ pub async fn grpc_health_server(
     service_name: &str,
     status: Option<tonic_health::ServingStatus>,
 ) -> (SocketAddr, tonic_health::server::HealthReporter) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    grpc_health_server_on(listener, service_name, status).await
+}
+
+/// [`grpc_health_server`] on a listener the caller bound, e.g. inside a [`netns::Pod`].
+pub async fn grpc_health_server_on(
+    listener: tokio::net::TcpListener,
+    service_name: &str,
+    status: Option<tonic_health::ServingStatus>,
+) -> (SocketAddr, tonic_health::server::HealthReporter) {
     let (reporter, service) = tonic_health::server::health_reporter();
     if let Some(s) = status {
         reporter.set_service_status(service_name, s).await;
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(
         tonic::transport::Server::builder()
