@@ -25,6 +25,10 @@ use strait_control::publisher::Publisher;
 use strait_proxy::table::spec::Spec;
 use strait_proxy::table::TableHandle;
 
+/// The binary's allocator, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
         .ok()
@@ -95,7 +99,7 @@ fn rss_kib() -> (u64, u64) {
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
-    v[v.len() / 2]
+    v.get(v.len() / 2).copied().unwrap_or_default()
 }
 
 fn main() {
@@ -157,6 +161,7 @@ fn main() {
                 .collect(),
         ));
         c.apply(listed(Kind::Secret, Vec::new()));
+        let (rss_objects, _) = rss_kib();
         let t = Instant::now();
         c.rebuild();
         let first = t.elapsed();
@@ -167,7 +172,7 @@ fn main() {
         drop(table);
 
         let mut full_times = Vec::new();
-        for r in 1..=reps {
+        for r in 1..=env("FULL_REPS", reps) {
             c.apply(Update::Apply(Object::Ingress(Arc::new(ingress(
                 r % ingresses,
                 services,
@@ -178,7 +183,7 @@ fn main() {
             full_times.push(t.elapsed());
         }
         let mut endpoint_times = Vec::new();
-        for r in 1..=reps * 3 {
+        for r in 1..=env("ENDPOINT_REPS", reps * 3) {
             let before = handle.current().map(|t| t.generation);
             c.apply(Update::Apply(Object::EndpointSlice(Arc::new(slice(
                 (r * 7919) % services,
@@ -196,10 +201,11 @@ fn main() {
         );
         println!("first table:            {first:?}");
         println!(
-            "full rebuild:           median {:?} (min {:?}, max {:?}, {reps} runs) + debounce {debounce:?}",
+            "full rebuild:           median {:?} (min {:?}, max {:?}, {} runs) + debounce {debounce:?}",
             median(full_times.clone()),
-            full_times.iter().min().unwrap(),
-            full_times.iter().max().unwrap()
+            full_times.iter().min().copied().unwrap_or_default(),
+            full_times.iter().max().copied().unwrap_or_default(),
+            full_times.len()
         );
         println!(
             "endpoint-only change:   median {:?} (min {:?}, max {:?}, {} runs) + debounce {debounce:?}",
@@ -209,10 +215,12 @@ fn main() {
             endpoint_times.len()
         );
         println!(
-            "RSS: {} MiB with the table in force (peak {} MiB; {} MiB before loading)",
+            "RSS: {} MiB with the table in force (peak {} MiB; {} MiB at start, {} MiB with \
+             the cluster's objects loaded)",
             rss / 1024,
             hwm / 1024,
-            rss0 / 1024
+            rss0 / 1024,
+            rss_objects / 1024
         );
     });
 }

@@ -66,7 +66,7 @@ impl Publisher {
     /// that is not possible (a `tcp` listener uses one of them, or a name is unknown).
     pub fn update_backends(
         &mut self,
-        changed: Vec<BackendSpec>,
+        changed: Vec<Arc<BackendSpec>>,
     ) -> Result<u64, Vec<CompileError>> {
         let (Some((spec, source)), Some(table)) = (self.current.clone(), self.handle.current())
         else {
@@ -75,15 +75,17 @@ impl Publisher {
         let mut next = Spec::clone(&spec);
         for b in &changed {
             match next.backends.iter_mut().find(|x| x.name == b.name) {
-                Some(slot) => *slot = b.clone(),
-                None => next.backends.push(b.clone()),
+                Some(slot) => *slot = Arc::clone(b),
+                None => next.backends.push(Arc::clone(b)),
             }
         }
         let next = Arc::new(next);
         let compiled = compile_backends(&changed, &self.registries)?;
         let Some(new) = table.with_backends(self.generation + 1, Arc::clone(&next), compiled)
         else {
-            return self.compile_and_swap(next, &source, false).map(|()| self.generation);
+            return self
+                .compile_and_swap(next, &source, false)
+                .map(|()| self.generation);
         };
         self.generation += 1;
         self.handle.publish(new);

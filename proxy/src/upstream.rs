@@ -117,6 +117,8 @@ impl ClientRegistry {
 
     /// Drops clients whose backend settings are no longer in use.
     pub fn retain_backends(&self, live: &[ClientKey]) {
+        // A set: thousands of backends (a cluster's Services) made a list scan quadratic.
+        let live: std::collections::HashSet<&ClientKey> = live.iter().collect();
         let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|k, _| live.contains(k));
     }

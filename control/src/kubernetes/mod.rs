@@ -71,7 +71,7 @@ pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
         address: options.http_addr.clone(),
         protocol: ListenerProtocol::Http,
         tcp: None,
-        routes: Vec::new(),
+        routes: Arc::default(),
         default_route: None,
         routes_from: None,
         tls: None,
@@ -248,8 +248,10 @@ impl Controller {
         let mut excluded: HashMap<Key, Problem> = HashMap::new();
         for _ in 0..PUBLISH_ATTEMPTS {
             let t = translate(&self.cluster, &self.options.translate, &excluded);
-            let (spec, owners) = self.merge(&t);
-            match self.publisher.publish_generated(spec.clone(), "kubernetes") {
+            match self
+                .publisher
+                .publish_generated(self.merge(&t), "kubernetes")
+            {
                 Ok(generation) => {
                     metrics::counter!(TRANSLATIONS, "result" => "published").increment(1);
                     tracing::info!(
@@ -266,7 +268,9 @@ impl Controller {
                     return;
                 }
                 Err(errors) => {
-                    let blamed = blame(&spec, &owners, &t, &errors);
+                    // Merged again rather than kept: a copy per rebuild costs more than this
+                    // rare path.
+                    let blamed = blame(&self.merge(&t), &t, &errors);
                     if blamed.is_empty() {
                         metrics::counter!(TRANSLATIONS, "result" => "rejected").increment(1);
                         let list: Vec<String> = errors.iter().map(ToString::to_string).collect();
@@ -298,19 +302,26 @@ impl Controller {
             return;
         };
         let mut changed = Vec::new();
-        for (name, source) in &last.sources {
-            if !services.contains(&source.service) {
+        let names = services
+            .iter()
+            .filter_map(|s| last.by_service.get(s))
+            .flatten();
+        for name in names {
+            let Some(source) = last.sources.get(name) else {
                 continue;
-            }
+            };
             let endpoints = translate::endpoints(&self.cluster, source);
             // Backends are sorted by name (see `translate`).
-            let Ok(i) = last.backends.binary_search_by(|b| b.name.as_str().cmp(name)) else {
+            let Ok(i) = last
+                .backends
+                .binary_search_by(|b| b.name.as_str().cmp(name))
+            else {
                 continue;
             };
             let backend = &mut last.backends[i];
             if backend.endpoints != endpoints {
-                backend.endpoints = endpoints;
-                changed.push(backend.clone());
+                Arc::make_mut(backend).endpoints = endpoints;
+                changed.push(Arc::clone(backend));
             }
         }
         if changed.is_empty() {
@@ -340,14 +351,14 @@ impl Controller {
     }
 
     /// The static configuration with the translated routes and backends added.
-    fn merge(&self, t: &Translation) -> (Spec, HashMap<String, Key>) {
+    fn merge(&self, t: &Translation) -> Spec {
         let mut spec = self.base.clone();
         if let Some(l) = spec.listeners.iter_mut().find(|l| l.name == HTTP_LISTENER) {
-            l.routes = t.routes.clone();
+            l.routes = Arc::clone(&t.routes);
             l.default_route = t.default_route.clone();
         }
         spec.backends.extend(t.backends.iter().cloned());
-        (spec, t.owners.clone())
+        spec
     }
 
     /// Logs and reports (as Events) problems not reported before, and hands the served
@@ -366,7 +377,9 @@ impl Controller {
                 continue;
             }
             tracing::warn!(ingress = %p.ingress, reason = p.reason, "{}", p.message);
-            if let (Some(ing), Some(events)) = (self.cluster.ingresses.get(&p.ingress), &self.events) {
+            if let (Some(ing), Some(events)) =
+                (self.cluster.ingresses.get(&p.ingress), &self.events)
+            {
                 events.report(Report {
                     ingress: Arc::clone(ing),
                     warning: true,
@@ -397,12 +410,8 @@ impl Controller {
 }
 
 /// The Ingresses the compiler's errors point at, with the error text for their Event.
-fn blame(
-    spec: &Spec,
-    owners: &HashMap<String, Key>,
-    t: &Translation,
-    errors: &[CompileError],
-) -> Vec<(Key, String)> {
+fn blame(spec: &Spec, t: &Translation, errors: &[CompileError]) -> Vec<(Key, String)> {
+    let owners = &t.owners;
     let mut out = Vec::new();
     for e in errors {
         let mut routes: Vec<&str> = Vec::new();

@@ -7,6 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressServiceBackend};
@@ -67,13 +68,15 @@ pub struct EndpointSource {
 #[derive(Debug, Default, Clone)]
 pub struct Translation {
     /// Routes for the Kubernetes HTTP listener.
-    pub routes: Vec<RouteSpec>,
+    pub routes: Arc<Vec<RouteSpec>>,
     /// The listener's default route, from the oldest Ingress with a `defaultBackend`.
     pub default_route: Option<RouteSpec>,
     /// Backends the routes use, sorted by name.
-    pub backends: Vec<BackendSpec>,
+    pub backends: Vec<Arc<BackendSpec>>,
     /// Where each Service backend's endpoints come from, by backend name.
     pub sources: BTreeMap<String, EndpointSource>,
+    /// Backend names by the Service their endpoints come from.
+    pub by_service: HashMap<Key, Vec<String>>,
     /// Ingresses of our class that apply (maybe partly, after conflicts).
     pub served: Vec<Key>,
     /// Problems, per Ingress.
@@ -90,6 +93,7 @@ pub fn translate(
     excluded: &HashMap<Key, Problem>,
 ) -> Translation {
     let mut out = Translation::default();
+    let mut routes = Vec::new();
     let mut ours: Vec<(&Key, &Ingress)> = cluster
         .ingresses
         .iter()
@@ -132,7 +136,7 @@ pub fn translate(
                     taken.insert(conflict_key, key.clone());
                     out.owners
                         .insert(route.name.clone().unwrap_or_default(), key.clone());
-                    out.routes.push(route);
+                    routes.push(route);
                     applied += 1;
                 }
                 if let Some(route) = t.default_route {
@@ -168,7 +172,14 @@ pub fn translate(
             Err(p) => out.problems.push(p),
         }
     }
-    out.backends = backends.into_values().collect();
+    out.routes = Arc::new(routes);
+    out.backends = backends.into_values().map(Arc::new).collect();
+    for (name, source) in &out.sources {
+        out.by_service
+            .entry(source.service.clone())
+            .or_default()
+            .push(name.clone());
+    }
     out
 }
 

@@ -218,7 +218,7 @@ pub fn compile(
 /// Compiles backends on their own, sharing live state through `registries`: the part of
 /// [`compile`] an endpoint-only change needs (see [`super::RouteTable::with_backends`]).
 pub fn compile_backends(
-    specs: &[BackendSpec],
+    specs: &[Arc<BackendSpec>],
     registries: &Registries,
 ) -> Result<Vec<Arc<Backend>>, Vec<CompileError>> {
     let mut cx = Ctx {

@@ -547,7 +547,18 @@ impl TableHandle {
     /// Publishes a new table; requests that already hold routes keep them.
     pub fn publish(&self, table: RouteTable) {
         metrics::gauge!(crate::metrics::TABLE_GENERATION).set(table.generation as f64);
-        for b in &table.backends {
+        let old = self.inner.load_full();
+        let unchanged = |i: usize, b: &Arc<Backend>| {
+            old.as_ref()
+                .and_then(|o| o.backends.get(i))
+                .is_some_and(|o| Arc::ptr_eq(o, b))
+        };
+        // A table that replaced a few backends (an endpoint update) sets a few gauges, not
+        // one per backend of the cluster.
+        for (i, b) in table.backends.iter().enumerate() {
+            if unchanged(i, b) {
+                continue;
+            }
             metrics::gauge!(crate::metrics::BACKEND_ENDPOINTS, "backend" => b.name.to_string())
                 .set(b.endpoints.len() as f64);
         }

@@ -6,6 +6,7 @@
 //! than a silently ignored setting.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -26,9 +27,10 @@ pub struct Spec {
     /// Listeners, each with its own routes.
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
-    /// Named backends that routes forward to.
+    /// Named backends that routes forward to. Each is shared (`Arc`), so a configuration
+    /// with one backend changed is a cheap copy of the last one.
     #[serde(default)]
-    pub backends: Vec<BackendSpec>,
+    pub backends: Vec<Arc<BackendSpec>>,
     /// How backends given as DNS names are resolved.
     #[serde(default)]
     pub dns: DnsSpec,
@@ -253,9 +255,10 @@ pub struct ListenerSpec {
     /// Where a `tcp` listener sends its connections; only for `protocol: tcp`.
     #[serde(default)]
     pub tcp: Option<TcpForwardSpec>,
-    /// Routes, matched by host then path (see `docs/config.md` for precedence).
+    /// Routes, matched by host then path (see `docs/config.md` for precedence). Shared
+    /// (`Arc`) so that a configuration with only backends changed does not copy them.
     #[serde(default)]
-    pub routes: Vec<RouteSpec>,
+    pub routes: Arc<Vec<RouteSpec>>,
     /// Route used when no route matches (its `match` must be empty). Without it unmatched
     /// requests get 404.
     #[serde(default)]
