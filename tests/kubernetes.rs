@@ -522,10 +522,12 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
 
     let events_for = |name: &str, reason: &str| {
         api.events().into_iter().any(|e| {
-            e["regarding"]["name"] == name
+            // Core v1 form: `regarding` is `involvedObject`, `note` is `message`.
+            e["involvedObject"]["name"] == name
+                && e["involvedObject"]["kind"] == "Ingress"
                 && e["reason"] == reason
                 && e["type"] == "Warning"
-                && e["reportingController"] == "strait.io/ingress-controller"
+                && e["reportingComponent"] == "strait.io/ingress-controller"
         })
     };
     eventually(WAIT, "events name the problems", || {
@@ -536,10 +538,10 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
     let broken = api
         .events()
         .into_iter()
-        .find(|e| e["regarding"]["name"] == "broken")
+        .find(|e| e["involvedObject"]["name"] == "broken")
         .unwrap();
     assert!(
-        broken["note"]
+        broken["message"]
             .as_str()
             .unwrap()
             .contains("Service apps/missing does not exist"),
@@ -698,11 +700,12 @@ async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_afte
     assert_eq!(v["routes"], 1, "{first_table}");
     assert_eq!(v["ingresses"], 1, "{first_table}");
 
-    // Expire every resourceVersion and cut the watches: they re-list (410 Gone), and a
-    // change made meanwhile is seen.
-    api.compact();
-    api.close_watches();
+    // The API goes away; meanwhile the Ingress is deleted and history is compacted, so the
+    // watches come back with an expired resourceVersion: 410 Gone, then a fresh list.
+    api.set_unavailable(true);
     api.delete("ingresses", "apps", "web").unwrap();
+    api.compact();
+    api.set_unavailable(false);
     until(
         &strait,
         "web.test",
