@@ -141,7 +141,7 @@ fn router_find<'a>(t: &'a RouteTable, q: &Query, headers: &HeaderMap) -> Option<
     let host = normalize_host(&q.host, &mut buf);
     t.listeners[0]
         .router
-        .find(host, q.path, &Method::GET, headers)
+        .find(host, None, q.path, &Method::GET, headers)
         .map(|r| &*r.name)
 }
 

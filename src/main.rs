@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use strait_control::kubernetes::translate::{TranslateOptions, CONTROLLER};
+use strait_control::kubernetes::translate::{ServiceRouting, TranslateOptions, CONTROLLER};
 use strait_control::kubernetes::{self, leader, status::PublishSource};
 use strait_control::publisher::Publisher;
 use strait_control::source::file;
@@ -81,6 +81,12 @@ struct KubeArgs {
     /// Address of the HTTP listener for Ingress routes [default: 0.0.0.0:8080].
     #[arg(long, value_name = "IP:PORT")]
     http_addr: Option<SocketAddr>,
+
+    /// Also listen here for requests routed by Service name (`Host: svc.ns:port`), with
+    /// per-request balancing over the Service's ready endpoints (sidecar outbound traffic);
+    /// off unless set.
+    #[arg(long, value_name = "IP:PORT")]
+    service_addr: Option<SocketAddr>,
 
     /// Address of the HTTPS listener for Ingress routes [default: 0.0.0.0:8443]; not bound
     /// until Ingress TLS is served.
@@ -303,11 +309,21 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
     } else {
         args.watch_namespaces.clone()
     };
+    let service_addr = args
+        .service_addr
+        .map(|a| a.to_string())
+        .or(file.service_addr.clone());
     Ok(kubernetes::Options {
         translate: TranslateOptions {
             ingress_class: args.ingress_class.clone().unwrap_or(file.ingress_class),
             controller: CONTROLLER.into(),
+            // Routes for every Service only when a listener serves them.
+            service_routing: service_addr.is_some().then(|| ServiceRouting {
+                namespace: pod_namespace(),
+                cluster_domain: file.cluster_domain.clone(),
+            }),
         },
+        service_addr,
         namespaces,
         http_addr: args.http_addr.map_or(file.http_addr, |a| a.to_string()),
         publish,

@@ -19,15 +19,18 @@ pub struct Conditions {
     pub methods: Vec<Method>,
     /// Header name and optional exact value.
     pub headers: Vec<(HeaderName, Option<HeaderValue>)>,
+    /// The port the request's host (Host header or `:authority`) must name.
+    pub port: Option<u16>,
 }
 
 impl Conditions {
     fn weight(&self) -> usize {
-        usize::from(!self.methods.is_empty()) + self.headers.len()
+        usize::from(!self.methods.is_empty()) + self.headers.len() + usize::from(self.port.is_some())
     }
 
-    fn accepts(&self, method: &Method, headers: &HeaderMap) -> bool {
-        (self.methods.is_empty() || self.methods.contains(method))
+    fn accepts(&self, port: Option<u16>, method: &Method, headers: &HeaderMap) -> bool {
+        self.port.is_none_or(|p| port == Some(p))
+            && (self.methods.is_empty() || self.methods.contains(method))
             && self.headers.iter().all(|(name, want)| match want {
                 None => headers.contains_key(name),
                 Some(v) => headers.get_all(name).iter().any(|have| have == v),
@@ -101,17 +104,18 @@ impl<R> PathTable<R> {
         list.insert(at, (cond, route));
     }
 
-    fn find(&self, path: &str, method: &Method, headers: &HeaderMap) -> Option<&R> {
+    fn find(&self, port: Option<u16>, path: &str, method: &Method, headers: &HeaderMap) -> Option<&R> {
         fn pick<'a, R>(
             list: &'a Candidates<R>,
+            port: Option<u16>,
             method: &Method,
             headers: &HeaderMap,
         ) -> Option<&'a R> {
             list.iter()
-                .find(|(c, _)| c.accepts(method, headers))
+                .find(|(c, _)| c.accepts(port, method, headers))
                 .map(|(_, r)| r)
         }
-        let pick = |list| pick(list, method, headers);
+        let pick = |list| pick(list, port, method, headers);
         if let Some(r) = self.exact.get(path).and_then(pick) {
             return Some(r);
         }
@@ -173,7 +177,16 @@ impl<R> Router<R> {
     }
 
     /// Finds the route for a request. `host` must already be normalized (see [`normalize_host`]).
-    pub fn find(&self, host: &str, path: &str, method: &Method, headers: &HeaderMap) -> Option<&R> {
+    /// The route for a request: `host` normalized ([`normalize_host`]), `port` the one its
+    /// host named, if any ([`host_port`]).
+    pub fn find(
+        &self,
+        host: &str,
+        port: Option<u16>,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Option<&R> {
         let table = self
             .exact_hosts
             .get(host)
@@ -184,7 +197,7 @@ impl<R> Router<R> {
             })
             .or(self.any_host.as_ref());
         table
-            .and_then(|t| t.find(path, method, headers))
+            .and_then(|t| t.find(port, path, method, headers))
             .or(self.default.as_ref())
     }
 }
@@ -278,6 +291,16 @@ pub fn normalize_host<'a>(host: &'a str, buf: &'a mut [u8; MAX_HOST_LEN]) -> &'a
     std::str::from_utf8(out).unwrap_or("")
 }
 
+/// The port a Host header or `:authority` names (`svc.ns:8080`, `[::1]:8080`), if any.
+pub fn host_port(host: &str) -> Option<u16> {
+    let i = host.rfind(':')?;
+    if host[..i].contains(':') && !host[..i].ends_with(']') {
+        // A bare IPv6 address, no port.
+        return None;
+    }
+    host[i + 1..].parse().ok()
+}
+
 fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: keep the brackets off, they never appear in route hosts.
@@ -307,7 +330,7 @@ mod tests {
     }
 
     fn find<'a>(r: &'a Router<&'static str>, host: &str, path: &str) -> Option<&'a str> {
-        r.find(host, path, &Method::GET, &HeaderMap::new()).copied()
+        r.find(host, None, path, &Method::GET, &HeaderMap::new()).copied()
     }
 
     #[test]
@@ -384,7 +407,7 @@ mod tests {
         r.insert(&[HostMatch::Any], &p, &plain, "plain");
         r.insert(&[HostMatch::Any], &p, &post, "post");
         let h = HeaderMap::new();
-        assert_eq!(r.find("h", "/", &Method::POST, &h), Some(&"post"));
-        assert_eq!(r.find("h", "/", &Method::GET, &h), Some(&"plain"));
+        assert_eq!(r.find("h", None, "/", &Method::POST, &h), Some(&"post"));
+        assert_eq!(r.find("h", None, "/", &Method::GET, &h), Some(&"plain"));
     }
 }

@@ -21,7 +21,7 @@ use crate::breaker::Breaker;
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
-use crate::router::{normalize_host, normalize_path, MAX_HOST_LEN};
+use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
     TableHandle,
@@ -113,10 +113,8 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         };
         let lt = &table.listeners[cx.listener];
         let mut buf = [0u8; MAX_HOST_LEN];
-        let h = normalize_host(
-            host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or(""),
-            &mut buf,
-        );
+        let raw_host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
+        let h = normalize_host(raw_host, &mut buf);
         if let Some(tls) = &cx.tls {
             if !tls.listener.allows(tls.site, h) {
                 let err = ProxyError::Misdirected(h.to_owned());
@@ -127,7 +125,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             None
         } else {
             lt.router
-                .find(h, req.uri().path(), req.method(), req.headers())
+                .find(h, host_port(raw_host), req.uri().path(), req.method(), req.headers())
         };
         let found = match route {
             // The backend is taken from the same table as the route: a request never mixes

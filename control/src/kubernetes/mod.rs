@@ -40,6 +40,8 @@ pub const TRANSLATIONS: &str = "strait_kubernetes_translations_total";
 pub const INGRESS_PROBLEMS: &str = "strait_kubernetes_ingress_problems";
 /// Name of the listener that serves Ingress routes over plain HTTP.
 pub const HTTP_LISTENER: &str = "kubernetes-http";
+/// Name of the listener that routes by Service name (when enabled).
+pub const SERVICE_LISTENER: &str = "kubernetes-services";
 
 /// How the Kubernetes source runs.
 #[derive(Debug, Clone)]
@@ -50,6 +52,8 @@ pub struct Options {
     pub namespaces: Vec<String>,
     /// Address of the HTTP listener for Ingress routes.
     pub http_addr: String,
+    /// Address of the listener that routes by Service name, if enabled.
+    pub service_addr: Option<String>,
     /// Where the address written into Ingress status comes from.
     pub publish: PublishSource,
     /// Quiet time after a change before the table is rebuilt, so a burst (a rollout, a
@@ -66,16 +70,20 @@ pub struct Options {
 /// The static configuration plus the listener Ingress routes are served on, so that every
 /// listener is bound at startup, before any table exists.
 pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
-    spec.listeners.push(ListenerSpec {
-        name: HTTP_LISTENER.into(),
-        address: options.http_addr.clone(),
+    let listener = |name: &str, address: &str| ListenerSpec {
+        name: name.into(),
+        address: address.into(),
         protocol: ListenerProtocol::Http,
         tcp: None,
         routes: Arc::default(),
         default_route: None,
         routes_from: None,
         tls: None,
-    });
+    };
+    spec.listeners.push(listener(HTTP_LISTENER, &options.http_addr));
+    if let Some(addr) = &options.service_addr {
+        spec.listeners.push(listener(SERVICE_LISTENER, addr));
+    }
     spec
 }
 
@@ -353,9 +361,13 @@ impl Controller {
     /// The static configuration with the translated routes and backends added.
     fn merge(&self, t: &Translation) -> Spec {
         let mut spec = self.base.clone();
-        if let Some(l) = spec.listeners.iter_mut().find(|l| l.name == HTTP_LISTENER) {
-            l.routes = Arc::clone(&t.routes);
-            l.default_route = t.default_route.clone();
+        for l in &mut spec.listeners {
+            if l.name == HTTP_LISTENER {
+                l.routes = Arc::clone(&t.routes);
+                l.default_route = t.default_route.clone();
+            } else if l.name == SERVICE_LISTENER {
+                l.routes = Arc::clone(&t.service_routes);
+            }
         }
         spec.backends.extend(t.backends.iter().cloned());
         spec

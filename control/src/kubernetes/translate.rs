@@ -32,6 +32,8 @@ pub struct TranslateOptions {
     pub ingress_class: String,
     /// The controller name that class must carry.
     pub controller: String,
+    /// Routes by Service name too (see [`service_routes`]).
+    pub service_routing: Option<ServiceRouting>,
 }
 
 impl Default for TranslateOptions {
@@ -39,8 +41,19 @@ impl Default for TranslateOptions {
         Self {
             ingress_class: "strait".into(),
             controller: CONTROLLER.into(),
+            service_routing: None,
         }
     }
+}
+
+/// How Service DNS names are written.
+#[derive(Debug, Clone)]
+pub struct ServiceRouting {
+    /// The namespace a bare `svc` means (the namespace Strait runs in, as for a pod's own
+    /// DNS search path).
+    pub namespace: String,
+    /// The cluster's DNS domain.
+    pub cluster_domain: String,
 }
 
 /// Why an Ingress (or part of it) is not served.
@@ -69,6 +82,8 @@ pub struct EndpointSource {
 pub struct Translation {
     /// Routes for the Kubernetes HTTP listener.
     pub routes: Arc<Vec<RouteSpec>>,
+    /// Routes by Service name, for the Service listener (when enabled).
+    pub service_routes: Arc<Vec<RouteSpec>>,
     /// The listener's default route, from the oldest Ingress with a `defaultBackend`.
     pub default_route: Option<RouteSpec>,
     /// Backends the routes use, sorted by name.
@@ -173,6 +188,13 @@ pub fn translate(
         }
     }
     out.routes = Arc::new(routes);
+    if let Some(sr) = &options.service_routing {
+        let mut routes = Vec::new();
+        for (key, svc) in &cluster.services {
+            service_routes(cluster, sr, key, svc, &mut routes, &mut backends, &mut out.sources);
+        }
+        out.service_routes = Arc::new(routes);
+    }
     out.backends = backends.into_values().map(Arc::new).collect();
     for (name, source) in &out.sources {
         out.by_service
@@ -340,6 +362,7 @@ fn translate_ingress(
                 exact: exact.then(|| path.clone()),
                 methods: Vec::new(),
                 headers: Vec::new(),
+                port: None,
             };
             let mut route = RouteSpec::forward(format!("{key}/{i}/{j}"), matches, backend);
             settings.apply_route(&mut route);
@@ -408,6 +431,71 @@ pub fn service_backend(
         backend.policy = Policy::RingHash;
     }
     Ok((backend, Some(source)))
+}
+
+/// Routes that pick a Service by the name a client inside the cluster uses for it: `svc`
+/// (in Strait's own namespace), `svc.ns`, `svc.ns.svc` and `svc.ns.svc.<cluster domain>`,
+/// each with the Service port (`svc.ns:8080`); a host without a port means port 80, or the
+/// Service's only port. Every request is balanced over the ready endpoints, so an HTTP/2
+/// (gRPC) client's one connection still spreads its requests over every pod.
+pub fn service_routes(
+    cluster: &Cluster,
+    options: &ServiceRouting,
+    key: &Key,
+    svc: &Service,
+    routes: &mut Vec<RouteSpec>,
+    backends: &mut BTreeMap<String, BackendSpec>,
+    sources: &mut BTreeMap<String, EndpointSource>,
+) {
+    let ports = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.ports.as_deref())
+        .unwrap_or_default();
+    let tcp: Vec<&ServicePort> = ports
+        .iter()
+        .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .collect();
+    let mut hosts = vec![
+        format!("{}.{}", key.name, key.namespace),
+        format!("{}.{}.svc", key.name, key.namespace),
+        format!("{}.{}.svc.{}", key.name, key.namespace, options.cluster_domain),
+    ];
+    if key.namespace == options.namespace {
+        hosts.push(key.name.clone());
+    }
+    let default_port = tcp
+        .iter()
+        .find(|p| p.port == 80)
+        .or(if tcp.len() == 1 { tcp.first() } else { None })
+        .map(|p| p.port);
+    for p in &tcp {
+        let wanted = IngressServiceBackend {
+            name: key.name.clone(),
+            port: Some(k8s_openapi::api::networking::v1::ServiceBackendPort {
+                name: None,
+                number: Some(p.port),
+            }),
+        };
+        let Ok((backend, source)) = service_backend(cluster, &key.namespace, &wanted) else {
+            continue;
+        };
+        let name = backend.name.clone();
+        if let Some(s) = source {
+            sources.insert(name.clone(), s);
+        }
+        backends.entry(name.clone()).or_insert(backend);
+        let matches = |port| MatchSpec {
+            hosts: hosts.clone(),
+            port,
+            ..MatchSpec::default()
+        };
+        let port = u16::try_from(p.port).ok();
+        routes.push(RouteSpec::forward(format!("service/{key}:{}", p.port), matches(port), &name));
+        if default_port == Some(p.port) {
+            routes.push(RouteSpec::forward(format!("service/{key}"), matches(None), name));
+        }
+    }
 }
 
 fn find_port<'a>(

@@ -941,7 +941,13 @@ fn compile_match(
         }
         (None, None) => PathMatch::Prefix("/".into()),
     };
-    let mut cond = Conditions::default();
+    let mut cond = Conditions {
+        port: m.port,
+        ..Conditions::default()
+    };
+    if m.port == Some(0) {
+        cx.err(format!("{path}.port"), "port must be 1 to 65535");
+    }
     for (i, meth) in m.methods.iter().enumerate() {
         match Method::from_bytes(meth.to_ascii_uppercase().as_bytes()) {
             Ok(mm) => cond.methods.push(mm),

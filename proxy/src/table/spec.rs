@@ -50,6 +50,11 @@ pub struct KubernetesSpec {
     pub http_addr: String,
     /// Address of the HTTPS listener for Ingress routes (used once Ingress TLS is served).
     pub https_addr: String,
+    /// Address of the listener that routes by Service name (`svc.ns:port`); off when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_addr: Option<String>,
+    /// The cluster's DNS domain, for `svc.ns.svc.<domain>` names.
+    pub cluster_domain: String,
     /// The IngressClass served.
     pub ingress_class: String,
     /// Namespaces watched; empty: all.
@@ -71,6 +76,8 @@ impl Default for KubernetesSpec {
             enabled: false,
             http_addr: "0.0.0.0:8080".into(),
             https_addr: "0.0.0.0:8443".into(),
+            service_addr: None,
+            cluster_domain: "cluster.local".into(),
             ingress_class: "strait".into(),
             watch_namespaces: Vec::new(),
             publish_service: None,
@@ -539,6 +546,10 @@ pub struct MatchSpec {
     /// Header conditions.
     #[serde(default)]
     pub headers: Vec<HeaderMatchSpec>,
+    /// The port the request's host must name (`Host: api.internal:8080`, or the
+    /// `:authority` of HTTP/2); a host without a port does not match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// A header condition: the header is present, and equals `value` when given.
