@@ -5,6 +5,7 @@
 //! publish. Nothing in the data plane calls back here.
 
 pub mod dns;
+pub mod kubernetes;
 pub mod locate;
 pub mod publisher;
 pub mod reload;

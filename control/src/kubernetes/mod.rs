@@ -1,0 +1,3 @@
+//! The Kubernetes source: leader election and the Ingress status writer it uses.
+
+pub mod leader;
