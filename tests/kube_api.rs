@@ -368,6 +368,88 @@ async fn ingress_status_is_written_through_the_status_subresource_only() {
 }
 
 #[tokio::test]
+async fn service_load_balancer_status_is_defaulted_and_checked_like_the_real_server() {
+    let (api, c, _dir) = setup().await;
+    let services: Api<Service> = Api::namespaced(c, "default");
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "lb", "namespace": "default"},
+        "spec": {"type": "LoadBalancer", "ports": [{"port": 80}]}
+    }));
+    let status = json!({"status": {"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.10"}, {"hostname": "lb.example.com"}
+    ]}}});
+    services
+        .patch_status("lb", &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+    // An address's ipMode defaults to VIP; a hostname gets none.
+    assert_eq!(
+        api.get("services", "default", "lb").unwrap()["status"]["loadBalancer"]["ingress"],
+        json!([{"ip": "198.51.100.10", "ipMode": "VIP"}, {"hostname": "lb.example.com"}])
+    );
+
+    let refused = |status: Value| {
+        let services = services.clone();
+        async move {
+            let s = api_error(
+                services
+                    .patch_status("lb", &PatchParams::default(), &Patch::Merge(&status))
+                    .await,
+            );
+            assert_eq!(
+                (s.code, s.reason.as_str()),
+                (422, "Invalid"),
+                "{}",
+                s.message
+            );
+            s.message
+        }
+    };
+    let m = refused(json!({"status": {"loadBalancer": {"ingress": [
+        {"hostname": "lb.example.com", "ipMode": "VIP"}
+    ]}}}))
+    .await;
+    assert!(
+        m.contains("status.loadBalancer.ingress[0].ipMode: Forbidden: may not be specified when `ip` is not set"),
+        "{m}"
+    );
+    let m = refused(json!({"status": {"loadBalancer": {"ingress": [
+        {"ip": "198.51.100.10", "ipMode": "Direct"}
+    ]}}}))
+    .await;
+    assert!(
+        m.contains("status.loadBalancer.ingress[0].ipMode: Unsupported value: \"Direct\""),
+        "{m}"
+    );
+    let m =
+        refused(json!({"status": {"loadBalancer": {"ingress": [{"hostname": "198.51.100.10"}]}}}))
+            .await;
+    assert!(
+        m.contains("status.loadBalancer.ingress[0].hostname: Invalid value: \"198.51.100.10\": must be a DNS name, not an IP address"),
+        "{m}"
+    );
+
+    // Only a LoadBalancer Service has load balancer addresses.
+    api.apply(json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "plain", "namespace": "default"},
+        "spec": {"ports": [{"port": 80}]}
+    }));
+    let s = api_error(
+        services
+            .patch_status("plain", &PatchParams::default(), &Patch::Merge(&status))
+            .await,
+    );
+    assert_eq!(s.code, 422);
+    assert!(
+        s.message.contains("status.loadBalancer.ingress: Forbidden: may only be used when `spec.type` is 'LoadBalancer'"),
+        "{}",
+        s.message
+    );
+}
+
+#[tokio::test]
 async fn events_from_both_apis_land_in_one_place() {
     let (api, c, _dir) = setup().await;
     let ing = api.apply(ingress("default", "a", "a.example.com"));

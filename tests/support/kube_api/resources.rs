@@ -424,6 +424,15 @@ fn default_service(obj: &mut Value, old: Option<&Value>, alloc: &mut Allocator) 
     if obj.get("status").is_none() {
         obj["status"] = json!({"loadBalancer": {}});
     }
+    // SetDefaults_Service: a load balancer address without an ipMode is a VIP.
+    if ty == "LoadBalancer" {
+        let lbs = obj["status"]["loadBalancer"]["ingress"].as_array_mut();
+        for lb in lbs.into_iter().flatten() {
+            if !s(&lb["ip"]).is_empty() && lb.get("ipMode").is_none() {
+                lb["ipMode"] = "VIP".into();
+            }
+        }
+    }
 }
 
 // ---- validation ---------------------------------------------------------------------------
@@ -857,6 +866,63 @@ fn validate_service(obj: &Value, old: Option<&Value>, errs: &mut Vec<FieldError>
                 &spec["clusterIP"],
                 &old["spec"]["clusterIP"],
             );
+        }
+    }
+    // Only a write that changes the status is checked: an update of the main resource
+    // keeps the stored status, which the server does not check again.
+    if old.is_none_or(|o| o["status"] != obj["status"]) {
+        validate_service_lb_status(obj, ty, errs);
+    }
+}
+
+/// `ValidateLoadBalancerStatus`, with the LoadBalancerIPMode gate on (GA) and
+/// AllowServiceLBStatusOnNonLB off (its default).
+fn validate_service_lb_status(obj: &Value, ty: &str, errs: &mut Vec<FieldError>) {
+    let lbs = arr(&obj["status"]["loadBalancer"]["ingress"]);
+    if ty != "LoadBalancer" && !lbs.is_empty() {
+        errs.push(FieldError::forbidden(
+            "status.loadBalancer.ingress",
+            "may only be used when `spec.type` is 'LoadBalancer'",
+        ));
+        return;
+    }
+    for (i, lb) in lbs.iter().enumerate() {
+        let f = format!("status.loadBalancer.ingress[{i}]");
+        let ip = s(&lb["ip"]);
+        if !ip.is_empty() && ip.parse::<IpAddr>().is_err() {
+            errs.push(FieldError::invalid(
+                &format!("{f}.ip"),
+                ip,
+                "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)",
+            ));
+        }
+        match lb["ipMode"].as_str() {
+            None if !ip.is_empty() => errs.push(FieldError::required(
+                &format!("{f}.ipMode"),
+                "must be specified when `ip` is set",
+            )),
+            None => {}
+            Some(_) if ip.is_empty() => errs.push(FieldError::forbidden(
+                &format!("{f}.ipMode"),
+                "may not be specified when `ip` is not set",
+            )),
+            Some(m) if m != "Proxy" && m != "VIP" => errs.push(FieldError::not_supported(
+                &format!("{f}.ipMode"),
+                m,
+                &["Proxy", "VIP"],
+            )),
+            Some(_) => {}
+        }
+        let h = s(&lb["hostname"]);
+        if !h.is_empty() {
+            push_each(errs, &format!("{f}.hostname"), h, dns1123_subdomain(h));
+            if h.parse::<IpAddr>().is_ok() {
+                errs.push(FieldError::invalid(
+                    &format!("{f}.hostname"),
+                    h,
+                    "must be a DNS name, not an IP address",
+                ));
+            }
         }
     }
 }
