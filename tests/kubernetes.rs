@@ -771,3 +771,118 @@ async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_tabl
         assert_eq!(r.body, "web-0", "h{i}.test");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn served_ingresses_get_the_published_address_in_their_status() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
+    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("", PORT)],
+        &ready(&pods),
+    ));
+    let route = [Path("/", "Prefix", "web", "80")];
+    api.apply(k8s::ingress(
+        "apps",
+        "ours",
+        Some("strait"),
+        "ours.test",
+        &route,
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "theirs",
+        Some("nginx"),
+        "theirs.test",
+        &route,
+    ));
+    let strait = k8s::controller(&api, &dir, &["--publish-address", "203.0.113.9"]).await;
+    wait_ready(&strait).await;
+    let ip = |name: &str| {
+        api.get("ingresses", "apps", name).unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"]
+            .as_str()
+            .unwrap_or("")
+            .to_owned()
+    };
+    eventually(WAIT, "the served Ingress has the address", || {
+        let ok = ip("ours") == "203.0.113.9";
+        async move { ok }
+    })
+    .await;
+    assert_eq!(
+        ip("theirs"),
+        "",
+        "another controller's Ingress is left alone"
+    );
+    // The write went through the status subresource, once.
+    assert_eq!(api.status_writes("ingresses", "apps", "ours").len(), 1);
+    // The Lease names this replica (it is the only one, so it leads).
+    let lease = api
+        .get("leases", "default", "strait-strait")
+        .expect("a Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "strait-test-0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_names_route_grpc_per_request_over_every_ready_pod() {
+    let (api, dir) = cluster().await;
+    // Three pods answer the health check of service "x" differently, so each answer says
+    // which pod served it.
+    let statuses = [
+        tonic_health::ServingStatus::Serving,
+        tonic_health::ServingStatus::NotServing,
+        tonic_health::ServingStatus::Unknown,
+    ];
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::create()).collect();
+    let mut servers = Vec::new();
+    for (i, (pod, status)) in pods.iter().zip(statuses).enumerate() {
+        let (addr, reporter) = pod.grpc_health_server("x", Some(status)).await;
+        // Each pod listens on its own port; its slice says which, as during a port change.
+        api.apply(k8s::slice(
+            "apps",
+            &format!("grpc-{i}"),
+            "grpc",
+            &[("grpc", addr.port())],
+            &[(pod.ip(), READY)],
+        ));
+        servers.push(reporter);
+    }
+    let mut svc = k8s::service("apps", "grpc", &[("grpc", 6000, "6000")]);
+    svc["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
+    api.apply(svc);
+    let strait = k8s::controller(&api, &dir, &["--service-addr", "127.0.0.1:0"]).await;
+    wait_ready(&strait).await;
+    let addr = strait
+        .listeners
+        .iter()
+        .find(|(n, _)| n == "kubernetes-services")
+        .expect("the service listener")
+        .1;
+
+    for authority in ["grpc.apps:6000", "grpc.apps.svc.cluster.local:6000"] {
+        // One HTTP/2 connection, as a gRPC client keeps; Strait balances each call.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .origin(format!("http://{authority}").parse().unwrap())
+            .connect()
+            .await
+            .expect("the service listener accepts h2c");
+        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+        let mut seen: HashMap<i32, usize> = HashMap::new();
+        for _ in 0..30 {
+            let s = support::grpc_check(&mut client, "x")
+                .await
+                .expect("a check answer");
+            *seen.entry(s).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{authority}: every pod answered: {seen:?}");
+        assert!(seen.values().all(|&n| n == 10), "{authority}: {seen:?}");
+    }
+    // An unknown Service name has no route.
+    let r = get_host(&client(), &format!("http://{addr}/"), "nope.apps:6000").await;
+    assert_eq!(r.status, 404);
+}

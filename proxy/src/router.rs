@@ -25,7 +25,9 @@ pub struct Conditions {
 
 impl Conditions {
     fn weight(&self) -> usize {
-        usize::from(!self.methods.is_empty()) + self.headers.len() + usize::from(self.port.is_some())
+        usize::from(!self.methods.is_empty())
+            + self.headers.len()
+            + usize::from(self.port.is_some())
     }
 
     fn accepts(&self, port: Option<u16>, method: &Method, headers: &HeaderMap) -> bool {
@@ -104,7 +106,13 @@ impl<R> PathTable<R> {
         list.insert(at, (cond, route));
     }
 
-    fn find(&self, port: Option<u16>, path: &str, method: &Method, headers: &HeaderMap) -> Option<&R> {
+    fn find(
+        &self,
+        port: Option<u16>,
+        path: &str,
+        method: &Method,
+        headers: &HeaderMap,
+    ) -> Option<&R> {
         fn pick<'a, R>(
             list: &'a Candidates<R>,
             port: Option<u16>,
@@ -330,7 +338,8 @@ mod tests {
     }
 
     fn find<'a>(r: &'a Router<&'static str>, host: &str, path: &str) -> Option<&'a str> {
-        r.find(host, None, path, &Method::GET, &HeaderMap::new()).copied()
+        r.find(host, None, path, &Method::GET, &HeaderMap::new())
+            .copied()
     }
 
     #[test]

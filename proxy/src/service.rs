@@ -124,8 +124,13 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         let route = if bad_path {
             None
         } else {
-            lt.router
-                .find(h, host_port(raw_host), req.uri().path(), req.method(), req.headers())
+            lt.router.find(
+                h,
+                host_port(raw_host),
+                req.uri().path(),
+                req.method(),
+                req.headers(),
+            )
         };
         let found = match route {
             // The backend is taken from the same table as the route: a request never mixes

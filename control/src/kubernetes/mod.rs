@@ -80,7 +80,8 @@ pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
         routes_from: None,
         tls: None,
     };
-    spec.listeners.push(listener(HTTP_LISTENER, &options.http_addr));
+    spec.listeners
+        .push(listener(HTTP_LISTENER, &options.http_addr));
     if let Some(addr) = &options.service_addr {
         spec.listeners.push(listener(SERVICE_LISTENER, addr));
     }
@@ -171,6 +172,8 @@ struct Dirty {
     full: bool,
     /// Services whose EndpointSlices changed.
     services: HashSet<Key>,
+    /// Only the status of Ingresses changed.
+    status: bool,
 }
 
 /// The single writer: applies watch updates to the cluster view and publishes tables.
@@ -230,6 +233,18 @@ impl Controller {
                 self.dirty.services.extend(old);
                 self.dirty.services.extend(cluster::service_of(s));
             }
+            Update::Apply(Object::Ingress(new)) => {
+                let old = self.cluster.ingresses.get(&Key::of(&**new));
+                let same = old.is_some_and(|o| {
+                    o.spec == new.spec && o.metadata.annotations == new.metadata.annotations
+                });
+                // Our own status writes come back as updates: they change no route.
+                if same {
+                    self.dirty.status = true;
+                } else {
+                    self.dirty.full = true;
+                }
+            }
             _ => self.dirty.full = true,
         }
         match update {
@@ -248,9 +263,15 @@ impl Controller {
     /// compiler rejects are left out and reported; the rest is published.
     pub fn rebuild(&mut self) {
         let dirty = std::mem::take(&mut self.dirty);
-        if !dirty.full && self.last.is_some() {
-            self.update_endpoints(&dirty.services);
-            return;
+        if !dirty.full {
+            if let Some(last) = self.last.take() {
+                if dirty.status {
+                    self.send_served(&last);
+                }
+                self.last = Some(last);
+                self.update_endpoints(&dirty.services);
+                return;
+            }
         }
         let started = std::time::Instant::now();
         let mut excluded: HashMap<Key, Problem> = HashMap::new();
@@ -402,20 +423,16 @@ impl Controller {
         }
         metrics::gauge!(INGRESS_PROBLEMS).set(now.len() as f64);
         self.reported = now;
+        self.send_served(t);
+    }
+
+    /// Tells the status writer which Ingresses are served, with their status as last seen.
+    fn send_served(&self, t: &Translation) {
         let ingresses = t
             .served
             .iter()
             .filter_map(|k| self.cluster.ingresses.get(k))
-            .map(|ing| ServedIngress {
-                namespace: ing.metadata.namespace.clone().unwrap_or_default(),
-                name: ing.metadata.name.clone().unwrap_or_default(),
-                current: ing
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|lb| lb.ingress.clone())
-                    .unwrap_or_default(),
-            })
+            .map(|ing| ServedIngress::from_ingress(ing))
             .collect();
         let _ = self.served.send(Arc::new(Served { ingresses }));
     }

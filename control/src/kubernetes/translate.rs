@@ -191,7 +191,15 @@ pub fn translate(
     if let Some(sr) = &options.service_routing {
         let mut routes = Vec::new();
         for (key, svc) in &cluster.services {
-            service_routes(cluster, sr, key, svc, &mut routes, &mut backends, &mut out.sources);
+            service_routes(
+                cluster,
+                sr,
+                key,
+                svc,
+                &mut routes,
+                &mut backends,
+                &mut out.sources,
+            );
         }
         out.service_routes = Arc::new(routes);
     }
@@ -459,7 +467,10 @@ pub fn service_routes(
     let mut hosts = vec![
         format!("{}.{}", key.name, key.namespace),
         format!("{}.{}.svc", key.name, key.namespace),
-        format!("{}.{}.svc.{}", key.name, key.namespace, options.cluster_domain),
+        format!(
+            "{}.{}.svc.{}",
+            key.name, key.namespace, options.cluster_domain
+        ),
     ];
     if key.namespace == options.namespace {
         hosts.push(key.name.clone());
@@ -491,9 +502,17 @@ pub fn service_routes(
             ..MatchSpec::default()
         };
         let port = u16::try_from(p.port).ok();
-        routes.push(RouteSpec::forward(format!("service/{key}:{}", p.port), matches(port), &name));
+        routes.push(RouteSpec::forward(
+            format!("service/{key}:{}", p.port),
+            matches(port),
+            &name,
+        ));
         if default_port == Some(p.port) {
-            routes.push(RouteSpec::forward(format!("service/{key}"), matches(None), name));
+            routes.push(RouteSpec::forward(
+                format!("service/{key}"),
+                matches(None),
+                name,
+            ));
         }
     }
 }
