@@ -309,6 +309,7 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
     } else {
         args.watch_namespaces.clone()
     };
+    let http_addr = args.http_addr.map_or(file.http_addr, |a| a.to_string());
     let service_addr = args
         .service_addr
         .map(|a| a.to_string())
@@ -322,10 +323,13 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
                 namespace: pod_namespace(),
                 cluster_domain: file.cluster_domain.clone(),
             }),
+            tcp_ip: http_addr
+                .parse::<SocketAddr>()
+                .map_or_else(|_| "0.0.0.0".into(), |a| a.ip().to_string()),
         },
         service_addr,
         namespaces,
-        http_addr: args.http_addr.map_or(file.http_addr, |a| a.to_string()),
+        http_addr,
         publish,
         debounce: file.debounce,
         max_delay: Duration::from_secs(1),
@@ -352,6 +356,7 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
     let handle = TableHandle::default();
     let mut publisher = Publisher::new(handle.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_watch = stop_rx.clone();
     let stopped = move || {
         let mut rx = stop_rx.clone();
         async move {
@@ -380,6 +385,15 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         }
         Mode::Kubernetes(options, static_spec) => {
             let spec = kubernetes::base_spec(static_spec, &options);
+            // TCP services come and go with their Services' annotations.
+            publisher.allow_listener_changes();
+            let fixed = spec.listeners.iter().map(|l| l.name.clone()).collect();
+            tokio::spawn(follow_listeners(
+                handle.clone(),
+                fixed,
+                spec.limits.clone(),
+                stop_watch,
+            ));
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
                 Err(e) => {
@@ -484,6 +498,77 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         tracing::info!("drained; exiting");
     }
     ExitCode::SUCCESS
+}
+
+/// Binds and serves the listeners a table adds beyond the `fixed` ones bound at startup,
+/// and stops those a later table drops (their open connections finish on their own).
+async fn follow_listeners(
+    handle: TableHandle,
+    fixed: std::collections::HashSet<String>,
+    limits: strait_proxy::table::spec::LimitsSpec,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tables = handle.subscribe();
+    let mut running: std::collections::HashMap<String, (String, watch::Sender<bool>)> =
+        std::collections::HashMap::new();
+    loop {
+        tokio::select! {
+            r = tables.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let Some(table) = handle.current() else {
+            continue;
+        };
+        let wanted: Vec<_> = table
+            .spec
+            .listeners
+            .iter()
+            .filter(|l| !fixed.contains(&l.name))
+            .collect();
+        running.retain(|name, (address, tx)| {
+            let keep = wanted
+                .iter()
+                .any(|l| &l.name == name && &l.address == address);
+            if !keep {
+                tracing::info!(listener = %name, "listener removed; no longer accepting");
+                let _ = tx.send(true);
+            }
+            keep
+        });
+        for l in wanted {
+            if running.contains_key(&l.name) {
+                continue;
+            }
+            let sock = match bind(&l.address).await {
+                Ok(s) => s,
+                Err(e) => {
+                    // Retried with the next table; the rest keeps serving.
+                    tracing::error!(listener = %l.name, "{e}");
+                    continue;
+                }
+            };
+            let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!(listener = %l.name, address = %local, protocol = ?l.protocol, "listening");
+            let (tx, mut own) = watch::channel(false);
+            let mut global = stop.clone();
+            let shutdown = async move {
+                tokio::select! {
+                    _ = own.wait_for(|s| *s) => {}
+                    _ = global.wait_for(|s| *s) => {}
+                }
+            };
+            let cx = ListenerContext {
+                name: l.name.as_str().into(),
+                table: handle.clone(),
+                limits: limits.clone(),
+            };
+            match l.protocol {
+                ListenerProtocol::Tcp => tokio::spawn(serve_tcp(sock, cx, shutdown)),
+                _ => tokio::spawn(serve(sock, cx, shutdown)),
+            };
+            running.insert(l.name.clone(), (l.address.clone(), tx));
+        }
+    }
 }
 
 /// Binds every listener (in configuration order) and the admin address before anything

@@ -886,3 +886,68 @@ async fn service_names_route_grpc_per_request_over_every_ready_pod() {
     let r = get_host(&client(), &format!("http://{addr}/"), "nope.apps:6000").await;
     assert_eq!(r.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
+    let (api, dir) = cluster().await;
+    let pods: Vec<Pod> = (0..2).map(|_| Pod::create()).collect();
+    let _ups: Vec<Upstream> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.upstream_on(&format!("db-{i}"), 3306))
+        .collect();
+    // A port free on loopback now, for the Service to claim.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut svc = k8s::service("apps", "db", &[("", 3306, "3306")]);
+    svc["metadata"]["annotations"] = json!({"strait.io/tcp-port": port.to_string()});
+    api.apply(svc.clone());
+    api.apply(k8s::slice(
+        "apps",
+        "db-a",
+        "db",
+        &[("", 3306)],
+        &ready(&pods),
+    ));
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    wait_ready(&strait).await;
+
+    // Each new connection is relayed byte for byte to one pod (HTTP here, any protocol there).
+    let url = format!("http://127.0.0.1:{port}/");
+    let fresh = |url: String| async move {
+        // A client per request: one TCP connection each.
+        match tokio::time::timeout(Duration::from_secs(2), client().get(url.parse().unwrap())).await
+        {
+            Ok(Ok(resp)) => {
+                use http_body_util::BodyExt;
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                Some(String::from_utf8_lossy(&body).into_owned())
+            }
+            _ => None,
+        }
+    };
+    eventually(WAIT, "the TCP port relays", || {
+        let f = fresh(url.clone());
+        async move { f.await.is_some() }
+    })
+    .await;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for _ in 0..10 {
+        let body = fresh(url.clone()).await.expect("relayed");
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("db-0"), Some(&5), "{seen:?}");
+    assert_eq!(seen.get("db-1"), Some(&5), "{seen:?}");
+
+    // Without the annotation the port closes.
+    svc["metadata"]["annotations"] = json!({});
+    api.apply(svc);
+    eventually(WAIT, "the TCP port is closed", || {
+        let addr = format!("127.0.0.1:{port}");
+        async move { tokio::net::TcpStream::connect(addr).await.is_err() }
+    })
+    .await;
+}

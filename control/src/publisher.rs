@@ -17,6 +17,9 @@ pub struct Publisher {
     generation: u64,
     /// Listener names and addresses in force; bound sockets cannot change on reload.
     listeners: Option<Vec<(String, String)>>,
+    /// Whether listeners may come and go (Kubernetes TCP services): the binary binds and
+    /// stops them to follow the table.
+    dynamic_listeners: bool,
     /// The configuration in force and where it came from, rebuilt when DNS answers change.
     current: Option<(Arc<Spec>, String)>,
     dns: DnsManager,
@@ -31,10 +34,16 @@ impl Publisher {
             registries: Registries::default(),
             generation: 0,
             listeners: None,
+            dynamic_listeners: false,
             current: None,
             dns: DnsManager::default(),
             health: HealthChecker::default(),
         }
+    }
+
+    /// Lets published tables add and remove listeners (their serving follows the table).
+    pub fn allow_listener_changes(&mut self) {
+        self.dynamic_listeners = true;
     }
 
     /// Validates, compiles and publishes `spec`. On error the table in force is unchanged.
@@ -109,14 +118,16 @@ impl Publisher {
             .collect();
         listeners.sort();
         match &self.listeners {
-            Some(running) if *running != listeners => Err(vec![CompileError {
-                path: "listeners".into(),
-                message: format!(
+            Some(running) if *running != listeners && !self.dynamic_listeners => {
+                Err(vec![CompileError {
+                    path: "listeners".into(),
+                    message: format!(
                     "listeners changed (running: {}); restart Strait to apply listener changes \
                      (routes and backends reload live)",
                     describe(running)
                 ),
-            }]),
+                }])
+            }
             _ => Ok(listeners),
         }
     }

@@ -111,7 +111,10 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             let err = ProxyError::NoEndpoints("no routing table has been published yet".into());
             return error_response(&err, req.version()).map(ObservedBody::bare);
         };
-        let lt = &table.listeners[cx.listener];
+        let Some(lt) = table.listener(cx.listener, &cx.listener_name) else {
+            let err = ProxyError::NoEndpoints("this listener is being removed".into());
+            return error_response(&err, req.version()).map(ObservedBody::bare);
+        };
         let mut buf = [0u8; MAX_HOST_LEN];
         let raw_host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
         let h = normalize_host(raw_host, &mut buf);

@@ -94,7 +94,7 @@ async fn relay(cx: &ListenerContext, index: usize, downstream: TcpStream, client
         let Some(table) = guard.as_ref() else {
             return;
         };
-        let Some(tcp) = table.listeners.get(index).and_then(|l| l.tcp.as_ref()) else {
+        let Some(tcp) = table.listener(index, &cx.name).and_then(|l| l.tcp.as_ref()) else {
             return;
         };
         (

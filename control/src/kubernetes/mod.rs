@@ -391,6 +391,7 @@ impl Controller {
             }
         }
         spec.backends.extend(t.backends.iter().cloned());
+        spec.listeners.extend(t.tcp_listeners.iter().cloned());
         spec
     }
 

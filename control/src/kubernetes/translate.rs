@@ -11,8 +11,11 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressServiceBackend};
+use std::time::Duration;
+
 use strait_proxy::table::spec::{
-    BackendSpec, EndpointSpec, MatchSpec, Policy, RouteSpec, UpstreamProtocol,
+    BackendSpec, EndpointSpec, ListenerProtocol, ListenerSpec, MatchSpec, OutlierSpec, Policy,
+    RouteSpec, TcpForwardSpec, UpstreamProtocol,
 };
 
 use super::annotations::{self, IngressSettings};
@@ -34,6 +37,8 @@ pub struct TranslateOptions {
     pub controller: String,
     /// Routes by Service name too (see [`service_routes`]).
     pub service_routing: Option<ServiceRouting>,
+    /// The address TCP services listen on (with their annotation's port).
+    pub tcp_ip: String,
 }
 
 impl Default for TranslateOptions {
@@ -42,9 +47,16 @@ impl Default for TranslateOptions {
             ingress_class: "strait".into(),
             controller: CONTROLLER.into(),
             service_routing: None,
+            tcp_ip: "0.0.0.0".into(),
         }
     }
 }
+
+/// Service annotation: accept raw TCP on this port and relay it to the Service.
+pub const TCP_PORT_ANNOTATION: &str = "strait.io/tcp-port";
+/// Service annotation: which Service port TCP connections go to (number or name), when the
+/// Service has several.
+pub const TCP_SERVICE_PORT_ANNOTATION: &str = "strait.io/tcp-service-port";
 
 /// How Service DNS names are written.
 #[derive(Debug, Clone)]
@@ -84,6 +96,8 @@ pub struct Translation {
     pub routes: Arc<Vec<RouteSpec>>,
     /// Routes by Service name, for the Service listener (when enabled).
     pub service_routes: Arc<Vec<RouteSpec>>,
+    /// `tcp` listeners of Services annotated with [`TCP_PORT_ANNOTATION`].
+    pub tcp_listeners: Vec<ListenerSpec>,
     /// The listener's default route, from the oldest Ingress with a `defaultBackend`.
     pub default_route: Option<RouteSpec>,
     /// Backends the routes use, sorted by name.
@@ -202,6 +216,18 @@ pub fn translate(
             );
         }
         out.service_routes = Arc::new(routes);
+    }
+    let mut ports = HashMap::new();
+    for (key, svc) in &cluster.services {
+        match tcp_service(cluster, options, key, svc, &mut ports) {
+            Ok(Some((listener, backend, source))) => {
+                out.sources.insert(backend.name.clone(), source);
+                backends.insert(backend.name.clone(), backend);
+                out.tcp_listeners.push(listener);
+            }
+            Ok(None) => {}
+            Err(message) => tracing::warn!(service = %key, "TCP service not served: {message}"),
+        }
     }
     out.backends = backends.into_values().map(Arc::new).collect();
     for (name, source) in &out.sources {
@@ -515,6 +541,80 @@ pub fn service_routes(
             ));
         }
     }
+}
+
+/// The `tcp` listener of a Service annotated with [`TCP_PORT_ANNOTATION`]: every
+/// connection goes to one ready endpoint, balanced, with outlier detection ejecting
+/// endpoints whose connects keep failing. `ports` holds the ports already taken.
+fn tcp_service(
+    cluster: &Cluster,
+    options: &TranslateOptions,
+    key: &Key,
+    svc: &Service,
+    ports: &mut HashMap<u16, Key>,
+) -> Result<Option<(ListenerSpec, BackendSpec, EndpointSource)>, String> {
+    let annotations = svc.metadata.annotations.as_ref();
+    let Some(raw) = annotations.and_then(|a| a.get(TCP_PORT_ANNOTATION)) else {
+        return Ok(None);
+    };
+    let port: u16 = raw
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{TCP_PORT_ANNOTATION}: {raw:?} is not a port (1-65535)"))?;
+    if let Some(other) = ports.get(&port) {
+        return Err(format!("port {port} is already taken by Service {other}"));
+    }
+    let wanted = annotations.and_then(|a| a.get(TCP_SERVICE_PORT_ANNOTATION));
+    let (number, name) = match wanted.map(|w| w.parse::<i32>()) {
+        Some(Ok(n)) => (Some(n), None),
+        Some(Err(_)) => (None, wanted.map(String::as_str)),
+        None => (None, None),
+    };
+    let Some(sp) = find_port(svc, number, name).or_else(|| {
+        let all = svc.spec.as_ref()?.ports.as_ref()?;
+        (number.is_none() && name.is_none())
+            .then(|| all.first())
+            .flatten()
+    }) else {
+        return Err(format!(
+            "no Service port {}; set {TCP_SERVICE_PORT_ANNOTATION}",
+            wanted.map_or("(none given)", String::as_str)
+        ));
+    };
+    let source = EndpointSource {
+        service: key.clone(),
+        port_name: sp.name.clone().unwrap_or_default(),
+    };
+    let backend_name = format!("{key}:{}@tcp", sp.port);
+    let mut backend = BackendSpec::new(&backend_name, endpoints(cluster, &source));
+    // A pod that refuses connections is skipped after a few: half the pods may be out at
+    // once, so a small Service (a database's few replicas) can still lose one.
+    backend.outlier_detection = Some(OutlierSpec {
+        max_ejection_percent: 50,
+        ..OutlierSpec::default()
+    });
+    let address = if options.tcp_ip.contains(':') {
+        format!("[{}]:{port}", options.tcp_ip)
+    } else {
+        format!("{}:{port}", options.tcp_ip)
+    };
+    ports.insert(port, key.clone());
+    let listener = ListenerSpec {
+        name: format!("tcp-{}-{}", key.namespace, key.name),
+        address,
+        protocol: ListenerProtocol::Tcp,
+        tcp: Some(TcpForwardSpec {
+            backend: Some(backend_name),
+            sni: None,
+            idle_timeout: Duration::from_secs(3600),
+        }),
+        routes: Arc::default(),
+        default_route: None,
+        routes_from: None,
+        tls: None,
+    };
+    Ok(Some((listener, backend, source)))
 }
 
 fn find_port<'a>(

@@ -92,6 +92,16 @@ impl RouteTable {
         &self.backends[target.backend]
     }
 
+    /// The listener called `name`, looked up at `hint` first (its index when the serve
+    /// loop started): listeners come and go in Kubernetes mode, so an index alone could
+    /// point at another listener in a later table.
+    pub fn listener(&self, hint: usize, name: &str) -> Option<&ListenerTable> {
+        match self.listeners.get(hint) {
+            Some(l) if &*l.name == name => Some(l),
+            _ => self.listeners.iter().find(|l| &*l.name == name),
+        }
+    }
+
     /// Index of the listener with this name.
     pub fn listener_index(&self, name: &str) -> Option<usize> {
         self.listeners.iter().position(|l| &*l.name == name)
@@ -565,6 +575,11 @@ impl TableHandle {
         let generation = table.generation;
         self.inner.store(Some(Arc::new(table)));
         self.published.send_replace(generation);
+    }
+
+    /// Watches the generation in force (0 before the first table).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.published.subscribe()
     }
 
     /// Resolves once a table is in force (at once if one already is).
