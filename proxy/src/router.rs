@@ -411,6 +411,7 @@ mod tests {
         let post = Conditions {
             methods: vec![Method::POST],
             headers: vec![],
+            port: None,
         };
         let p = PathMatch::Prefix("/".into());
         r.insert(&[HostMatch::Any], &p, &plain, "plain");

@@ -931,8 +931,8 @@ mod tests {
 
     fn applied(s: &IngressSettings) -> Spec {
         let mut spec = spec();
-        s.apply_route(&mut spec.listeners[0].routes[0]);
-        s.apply_backend(&mut spec.backends[0]);
+        s.apply_route(&mut Arc::make_mut(&mut spec.listeners[0].routes)[0]);
+        s.apply_backend(Arc::make_mut(&mut spec.backends[0]));
         spec
     }
 
@@ -1106,7 +1106,7 @@ mod tests {
     #[test]
     fn compile_rejects_what_parse_rejects() {
         let mut s = spec();
-        s.listeners[0].routes[0].retry = Some(RetrySpec {
+        Arc::make_mut(&mut s.listeners[0].routes)[0].retry = Some(RetrySpec {
             retries: MAX_RETRIES + 1,
             ..RetrySpec::default()
         });
@@ -1203,7 +1203,7 @@ mod tests {
         bad_says(&[("rate-limit", "2/1ns")], "rate-limit", "nanosecond");
         // the same rule in compile
         let mut s = spec();
-        s.listeners[0].routes[0].rate_limit = Some(RateLimitSpec {
+        Arc::make_mut(&mut s.listeners[0].routes)[0].rate_limit = Some(RateLimitSpec {
             requests: 2,
             per: Duration::from_nanos(1),
             ..ok(&[("rate-limit", "1/s")]).rate_limit.unwrap()
@@ -1317,7 +1317,7 @@ mod tests {
         bad_says(&[(name, "\n")], name, "no headers");
         // Applied headers replace a route's own values of the same name and keep the rest.
         let mut spec = spec();
-        let route = &mut spec.listeners[0].routes[0];
+        let route = &mut Arc::make_mut(&mut spec.listeners[0].routes)[0];
         route.request_headers.set.insert("x-a".into(), "old".into());
         route
             .request_headers
@@ -1345,7 +1345,7 @@ mod tests {
         }
         bad_says(&[("load-balance", "ewma")], "load-balance", "peak_ewma");
         // A policy without hashing drops a hash key the backend had.
-        let mut b = spec().backends.remove(0);
+        let mut b = Arc::unwrap_or_clone(spec().backends.remove(0));
         b.policy = Policy::RingHash;
         b.hash = Some(HashKeySpec::Source(HashSource::ClientIp));
         ok(&[("load-balance", "random")]).apply_backend(&mut b);
@@ -1456,7 +1456,7 @@ mod tests {
     fn circuit_breaker() {
         let s = ok(&[("max-requests", "7")]);
         assert_eq!(s.max_requests, Some(7));
-        let mut b = spec().backends.remove(0);
+        let mut b = Arc::unwrap_or_clone(spec().backends.remove(0));
         b.circuit_breaker.retry_budget = Some(Default::default());
         s.apply_backend(&mut b);
         assert_eq!(b.circuit_breaker.max_requests, 7);
@@ -1604,7 +1604,10 @@ mod tests {
         )
         .unwrap();
         let l = &mut spec.listeners[0];
-        for r in l.routes.iter_mut().chain(l.default_route.as_mut()) {
+        for r in Arc::make_mut(&mut l.routes)
+            .iter_mut()
+            .chain(l.default_route.as_mut())
+        {
             s.apply_route(r);
         }
         let exact = &l.routes[0];
@@ -1650,7 +1653,7 @@ mod tests {
             ("set-response-headers", "a: b"),
         ]);
         assert!(!route_only.has_backend_settings());
-        let mut b = spec().backends.remove(0);
+        let mut b = Arc::unwrap_or_clone(spec().backends.remove(0));
         let before = b.clone();
         route_only.apply_backend(&mut b);
         assert_eq!(b, before);
@@ -1719,7 +1722,7 @@ mod tests {
         let expected: Spec = serde_yaml_ng::from_str(&block).unwrap();
         let s = example_settings();
         for listener in &expected.listeners {
-            for want in &listener.routes {
+            for want in listener.routes.iter() {
                 let mut route = want.clone();
                 route.timeout = None;
                 route.retry = None;
@@ -1736,7 +1739,7 @@ mod tests {
                 serde_yaml_ng::from_str(&format!("name: {}", want.name)).unwrap();
             backend.endpoints = want.endpoints.clone();
             s.apply_backend(&mut backend);
-            assert_eq!(&backend, want);
+            assert_eq!(&backend, &**want);
         }
         assert!(!expected.backends.is_empty());
         compiles(expected);
