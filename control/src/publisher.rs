@@ -188,6 +188,7 @@ impl Publisher {
             .collect();
         self.registries.endpoints.prune();
         self.registries.rate_limits.prune();
+        self.registries.metrics.prune();
         self.registries.clients.retain_backends(&live);
         self.registries.backends.prune();
         if let Some(table) = self.handle.current() {

@@ -119,6 +119,34 @@ pub fn describe() {
     );
 }
 
+/// [`TargetMetrics`] by (listener, route, backend), shared across table generations:
+/// registering six series per route again on every rebuild cost more than the rest of
+/// compiling a cluster-sized table.
+#[derive(Debug, Default)]
+pub struct TargetMetricsRegistry {
+    map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<TargetMetrics>>>,
+}
+
+impl TargetMetricsRegistry {
+    /// The handles for this triple: those a table already holds, else new ones.
+    pub fn get(&self, listener: &str, route: &str, backend: &str) -> std::sync::Arc<TargetMetrics> {
+        let key = format!("{listener}\0{route}\0{backend}");
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = map.get(&key).and_then(std::sync::Weak::upgrade) {
+            return m;
+        }
+        let m = std::sync::Arc::new(TargetMetrics::new(listener, route, backend));
+        map.insert(key, std::sync::Arc::downgrade(&m));
+        m
+    }
+
+    /// Forgets handles no table holds.
+    pub fn prune(&self) {
+        let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, w| w.strong_count() > 0);
+    }
+}
+
 /// Handles for one (listener, route, backend) triple, created when the table is compiled.
 #[derive(Debug)]
 pub struct TargetMetrics {

@@ -66,6 +66,8 @@ pub struct Registries {
     pub backends: BackendRegistry,
     /// Rate-limit buckets by listener and route.
     pub rate_limits: RateLimitRegistry,
+    /// Request metrics by listener, route and backend.
+    pub metrics: crate::metrics::TargetMetricsRegistry,
 }
 
 struct Ctx<'a> {
@@ -82,11 +84,10 @@ impl Ctx<'_> {
     }
 
     fn metrics(&self, listener: &str, route: &str, backend: &str) -> Arc<TargetMetrics> {
-        Arc::new(if self.registries.is_some() {
-            TargetMetrics::new(listener, route, backend)
-        } else {
-            TargetMetrics::noop()
-        })
+        match self.registries {
+            Some(r) => r.metrics.get(listener, route, backend),
+            None => Arc::new(TargetMetrics::noop()),
+        }
     }
 }
 
@@ -284,12 +285,13 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         })
         .collect();
     for (j, e) in b.endpoints.iter().chain(&resolved).enumerate() {
-        let epath = format!("{path}.endpoints[{j}]");
+        // Built only for an error: a cluster's backends have tens of thousands of endpoints.
+        let epath = || format!("{path}.endpoints[{j}]");
         let addr = match e.address().parse::<SocketAddr>() {
             Ok(a) if a.port() != 0 => a,
             _ => {
                 cx.err(
-                    epath,
+                    epath(),
                     format!(
                         "invalid endpoint {:?}: expected ip:port, e.g. 10.0.0.5:8080 or [fd00::5]:8080",
                         e.address()
@@ -299,12 +301,12 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
             }
         };
         if !seen.insert(addr) {
-            cx.err(epath, format!("duplicate endpoint {addr}"));
+            cx.err(epath(), format!("duplicate endpoint {addr}"));
             continue;
         }
         if e.weight() > MAX_WEIGHT {
             cx.err(
-                format!("{epath}.weight"),
+                format!("{}.weight", epath()),
                 format!("weight must be 0 to {MAX_WEIGHT}"),
             );
             continue;
