@@ -338,6 +338,19 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
     })
 }
 
+/// The Kubernetes client: the pod's service account when running in a cluster, else the
+/// kubeconfig (`KUBECONFIG`, else `~/.kube/config`) as kubectl finds it. In-cluster first,
+/// so a kubeconfig left in an image never points a deployed Strait at another cluster.
+async fn kube_client() -> Result<kube::Client, kube::Error> {
+    let config = match kube::Config::incluster() {
+        Ok(c) => c,
+        Err(_) => kube::Config::infer()
+            .await
+            .map_err(kube::Error::InferConfig)?,
+    };
+    kube::Client::try_from(config)
+}
+
 /// The namespace Strait runs in: `POD_NAMESPACE` (downward API), else the service
 /// account's, else `default`.
 fn pod_namespace() -> String {
@@ -394,7 +407,7 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
                 spec.limits.clone(),
                 stop_watch,
             ));
-            let client = match kube::Client::try_default().await {
+            let client = match kube_client().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot configure the Kubernetes client");

@@ -951,3 +951,37 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
+    api.apply(k8s::slice("apps", "web-a", "web", &[("", PORT)], &ready(&pods)));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "web.test",
+        &[Path("/", "Prefix", "web", "80")],
+    ));
+    let config = dir.write(
+        "static.yaml",
+        "kubernetes:\n  enabled: true\n  debounce: 10ms\nlisteners:\n  - name: health\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: \"static ok\"}\n",
+    );
+    let strait = k8s::controller(&api, &dir, &["--config", config.to_str().unwrap()]).await;
+    wait_ready(&strait).await;
+    let addr = |name: &str| {
+        strait
+            .listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("listener {name}: {:?}", strait.listeners))
+            .1
+    };
+    let c = client();
+    let r = get_host(&c, &format!("http://{}/", addr("health")), "any").await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "static ok"));
+    let r = get_host(&c, &format!("http://{}/", addr("kubernetes-http")), "web.test").await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "web-0"));
+}

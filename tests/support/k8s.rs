@@ -169,6 +169,9 @@ pub async fn controller(api: &KubeApi, dir: &tempdir::Dir, extra: &[&str]) -> Bi
             ("KUBECONFIG", kubeconfig.as_os_str()),
             ("POD_NAME", OsStr::new("strait-test-0")),
             ("POD_NAMESPACE", OsStr::new("default")),
+            // Never the cluster a CI runner may itself run in: only the stand-in.
+            ("KUBERNETES_SERVICE_HOST", OsStr::new("")),
+            ("KUBERNETES_SERVICE_PORT", OsStr::new("")),
         ],
     )
     .await

@@ -430,11 +430,19 @@ impl Binary {
     }
 
     /// Starts the binary with these arguments (before the test's logging and admin flags)
-    /// and extra environment variables.
+    /// and extra environment variables; an empty value removes the variable.
     pub async fn start_with(args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> Self {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"));
+        for (k, _) in env.iter().filter(|(_, v)| v.is_empty()) {
+            command.env_remove(k);
+        }
+        let mut child = command
             .args(args)
-            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .envs(
+                env.iter()
+                    .filter(|(_, v)| !v.is_empty())
+                    .map(|(k, v)| (*k, *v)),
+            )
             .args([
                 "--log-format",
                 "json",

@@ -163,8 +163,13 @@ pub fn compile(
         };
         listeners.push(compile_listener(&mut cx, &path, l, &spec.listeners, &known));
     }
-    if spec.listeners.is_empty() {
-        cx.err("listeners", "at least one listener is required");
+    // The Kubernetes source adds its own listeners to a file that may have none.
+    let from_cluster = spec.kubernetes.as_ref().is_some_and(|k| k.enabled);
+    if spec.listeners.is_empty() && !from_cluster {
+        cx.err(
+            "listeners",
+            "at least one listener is required (or kubernetes.enabled: true)",
+        );
     }
     if spec.admin.address.parse::<SocketAddr>().is_err() {
         cx.err(
