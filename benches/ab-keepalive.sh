@@ -9,7 +9,8 @@
 # script starts on 127.0.0.1:18091 (64-byte body, one worker, CPU 0). Each Strait runs with one
 # worker on CPU 1; wrk (1 thread, CONNS connections) on CPU 0 alternates between them, the order
 # swapped every round, for REPS rounds of DUR seconds. Prints every round, the medians and
-# their ratio B / A. Knobs: REPS (5), DUR (10), CONNS (50).
+# their ratio B / A. Knobs: REPS (5), DUR (10), CONNS (50); BIN_A and BIN_B run two different
+# builds (e.g. before and after a change to the request path), both default to the release build.
 # Needs the release build, nginx and wrk (apt-get install -y nginx-light wrk).
 set -euo pipefail
 
@@ -23,17 +24,18 @@ DUR=${DUR:-10}
 CONNS=${CONNS:-50}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=$root/target/release/strait
+bins=("${BIN_A:-$bin}" "${BIN_B:-$bin}")
 work=$(mktemp -d "${TMPDIR:-/tmp}/strait-ab.XXXXXX")
 pids=()
 # shellcheck source=benches/lib.sh
 . "$root/benches/lib.sh"
 
 
-[ -x "$bin" ] || die "build first: cargo build --release --locked"
+for b in "${bins[@]}"; do [ -x "$b" ] || die "build first: cargo build --release --locked ($b)"; done
 need nginx wrk curl
 start_backend
 for i in 0 1; do
-  taskset -c 1 "$bin" --config "${configs[i]}" --worker-threads 1 --log-level warn &
+  taskset -c 1 "${bins[i]}" --config "${configs[i]}" --worker-threads 1 --log-level warn &
   pids+=($!)
 done
 

@@ -261,6 +261,7 @@ fn install_metrics() -> Option<PrometheusHandle> {
     match handle {
         Ok(h) => {
             strait_proxy::metrics::describe();
+            kubernetes::describe_metrics();
             Some(h)
         }
         Err(e) => {
@@ -524,6 +525,9 @@ async fn follow_listeners(
     let mut tables = handle.subscribe();
     let mut running: std::collections::HashMap<String, (String, watch::Sender<bool>)> =
         std::collections::HashMap::new();
+    // The table in force first, then every new one: a table published before this task
+    // subscribed is not missed.
+    tables.mark_changed();
     loop {
         tokio::select! {
             r = tables.changed() => if r.is_err() { return },

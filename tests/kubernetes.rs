@@ -957,7 +957,13 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("web", 1);
     api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice("apps", "web-a", "web", &[("", PORT)], &ready(&pods)));
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("", PORT)],
+        &ready(&pods),
+    ));
     api.apply(k8s::ingress(
         "apps",
         "web",
@@ -982,6 +988,11 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     let c = client();
     let r = get_host(&c, &format!("http://{}/", addr("health")), "any").await;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "static ok"));
-    let r = get_host(&c, &format!("http://{}/", addr("kubernetes-http")), "web.test").await;
+    let r = get_host(
+        &c,
+        &format!("http://{}/", addr("kubernetes-http")),
+        "web.test",
+    )
+    .await;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "web-0"));
 }

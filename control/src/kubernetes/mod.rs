@@ -43,6 +43,19 @@ pub const HTTP_LISTENER: &str = "kubernetes-http";
 /// Name of the listener that routes by Service name (when enabled).
 pub const SERVICE_LISTENER: &str = "kubernetes-services";
 
+/// Registers the help text of the Kubernetes source's metrics.
+pub fn describe_metrics() {
+    metrics::describe_counter!(WATCH_ERRORS, "Failed Kubernetes watch requests, by kind.");
+    metrics::describe_counter!(
+        TRANSLATIONS,
+        "Tables built from the cluster, by result (published, rejected, endpoints)."
+    );
+    metrics::describe_gauge!(
+        INGRESS_PROBLEMS,
+        "Ingresses of Strait's class with a problem (skipped, conflicting or invalid TLS)."
+    );
+}
+
 /// How the Kubernetes source runs.
 #[derive(Debug, Clone)]
 pub struct Options {
