@@ -25,20 +25,10 @@ use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// A kube-rs client built from the stand-in's kubeconfig file, the way Strait builds one.
-async fn client(api: &KubeApi, dir: &tempdir::Dir) -> Client {
-    let path = api.kubeconfig(dir.path());
-    let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
-        .await
-        .unwrap();
-    Client::try_from(cfg).unwrap()
-}
-
 async fn setup() -> (KubeApi, Client, tempdir::Dir) {
     let api = KubeApi::start().await;
     let dir = tempdir::Dir::new("kube");
-    let c = client(&api, &dir).await;
+    let c = api.client(dir.path()).await;
     (api, c, dir)
 }
 

@@ -41,6 +41,76 @@ fn pods(name: &str, n: usize) -> (Vec<Pod>, Vec<Upstream>) {
     (pods, ups)
 }
 
+/// Service `name` (port 80 named `port_name`, target 8080) with one EndpointSlice of these
+/// endpoints on [`PORT`].
+fn backed_service(
+    api: &KubeApi,
+    name: &str,
+    port_name: &str,
+    endpoints: &[(std::net::IpAddr, k8s::Cond)],
+) {
+    api.apply(k8s::service("apps", name, &[(port_name, 80, "8080")]));
+    api.apply(k8s::slice(
+        "apps",
+        &format!("{name}-a"),
+        name,
+        &[(port_name, PORT)],
+        endpoints,
+    ));
+}
+
+/// A pod behind Service `web`, an IngressClass of another controller, and Ingresses `ours`
+/// (host ours.test) and `theirs` (theirs.test, the other class) with the same route.
+fn ours_and_theirs(api: &KubeApi) -> (Vec<Pod>, Vec<Upstream>, [Path<'static>; 1]) {
+    let (pods, ups) = pods("web", 1);
+    api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
+    backed_service(api, "web", "", &ready(&pods));
+    let route = to("web");
+    api.apply(k8s::ingress(
+        "apps",
+        "ours",
+        Some("strait"),
+        "ours.test",
+        &route,
+    ));
+    api.apply(k8s::ingress(
+        "apps",
+        "theirs",
+        Some("nginx"),
+        "theirs.test",
+        &route,
+    ));
+    (pods, ups, route)
+}
+
+/// `n` pods behind Service `web` (port name `port_name`), an Ingress `web` for `host` ("" for
+/// any) and a ready controller.
+async fn web_behind(
+    api: &KubeApi,
+    dir: &tempdir::Dir,
+    n: usize,
+    port_name: &str,
+    host: &str,
+) -> (Binary, Vec<Pod>, Vec<Upstream>) {
+    let (pods, ups) = pods("web", n);
+    backed_service(api, "web", port_name, &ready(&pods));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        host,
+        &to("web"),
+    ));
+    let strait = k8s::controller(api, dir, &[]).await;
+    wait_ready(&strait).await;
+    (strait, pods, ups)
+}
+
+/// One Prefix `/` path to port 80 of `service`.
+fn to<'a>(service: &'a str) -> [Path<'a>; 1] {
+    [Path("/", "Prefix", service, "80")]
+}
+
 fn ready(pods: &[Pod]) -> Vec<(std::net::IpAddr, k8s::Cond)> {
     pods.iter().map(|p| (p.ip(), READY)).collect()
 }
@@ -71,6 +141,24 @@ async fn until(strait: &Binary, host: &str, what: &str, check: impl Fn(u16, &str
     .await;
 }
 
+/// Waits until several requests in a row for `host` are all answered by `body`.
+async fn only(strait: &Binary, host: &str, body: &str, what: &str) {
+    let c = client();
+    let url = strait.url("/");
+    eventually(WAIT, what, || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            for _ in 0..6 {
+                if get_host(&c, &url, host).await.body != body {
+                    return false;
+                }
+            }
+            true
+        }
+    })
+    .await;
+}
+
 /// Sends `n` requests for `host` and counts answers by body (non-200s as `status NNN`).
 async fn spread(strait: &Binary, host: &str, path: &str, n: usize) -> HashMap<String, usize> {
     let c = client();
@@ -90,24 +178,7 @@ async fn spread(strait: &Binary, host: &str, path: &str, n: usize) -> HashMap<St
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_routes_to_ready_pods_of_the_service() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 3);
-    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods),
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "web.example.com",
-        &[Path("/", "Prefix", "web", "80")],
-    ));
-    let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    let (strait, _pods, _ups) = web_behind(&api, &dir, 3, "http", "web.example.com").await;
 
     let seen = spread(&strait, "web.example.com", "/", 30).await;
     assert_eq!(seen.len(), 3, "every pod answers: {seen:?}");
@@ -177,59 +248,29 @@ async fn named_target_ports_resolve_per_slice_and_exact_beats_prefix() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_resort() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 2);
-    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods),
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "",
-        &[Path("/", "Prefix", "web", "80")],
-    ));
-    let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    let (strait, pods, _ups) = web_behind(&api, &dir, 2, "http", "").await;
     assert_eq!(spread(&strait, "x", "/", 10).await.len(), 2);
 
     // web-1 fails its readiness probe: no new requests reach it.
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
+    backed_service(
+        &api,
         "web",
-        &[("http", PORT)],
+        "http",
         &[(pods[0].ip(), READY), (pods[1].ip(), NOT_READY)],
-    ));
-    let c = client();
-    let url = strait.url("/");
-    eventually(WAIT, "only web-0 answers", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move {
-            let mut all = true;
-            for _ in 0..6 {
-                all &= get_host(&c, &url, "x").await.body == "web-0";
-            }
-            all
-        }
-    })
-    .await;
+    );
+    only(&strait, "x", "web-0", "only web-0 answers").await;
     let seen = spread(&strait, "x", "/", 20).await;
     assert_eq!(seen.get("web-0"), Some(&20), "{seen:?}");
 
     // Both terminating but still serving, none ready: they keep answering (kube-proxy's
     // fallback) instead of the route failing.
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
+    backed_service(
+        &api,
         "web",
-        &[("http", PORT)],
+        "http",
         &[(pods[0].ip(), TERMINATING), (pods[1].ip(), TERMINATING)],
-    ));
+    );
+    let (c, url) = (client(), strait.url("/"));
     eventually(WAIT, "both terminating pods answer", || {
         let (c, url) = (c.clone(), url.clone());
         async move {
@@ -244,17 +285,16 @@ async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_res
     // A ready pod appears: terminating ones stop getting new requests.
     let newcomer = Pod::create();
     let _un = newcomer.upstream_on("web-new", PORT);
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
+    backed_service(
+        &api,
         "web",
-        &[("http", PORT)],
+        "http",
         &[
             (pods[0].ip(), TERMINATING),
             (pods[1].ip(), TERMINATING),
             (newcomer.ip(), READY),
         ],
-    ));
+    );
     until(&strait, "x", "the ready pod takes over", |s, b| {
         s == 200 && b == "web-new"
     })
@@ -266,24 +306,7 @@ async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_terminating_endpoint_finishes_its_in_flight_request() {
     let (api, dir) = cluster().await;
-    let (pods, ups) = pods("web", 2);
-    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods),
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "",
-        &[Path("/", "Prefix", "web", "80")],
-    ));
-    let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    let (strait, pods, ups) = web_behind(&api, &dir, 2, "http", "").await;
 
     // Two slow requests, one per pod (round robin).
     let c = client();
@@ -303,26 +326,13 @@ async fn a_terminating_endpoint_finishes_its_in_flight_request() {
     ups[0].wait_for_hits(1).await;
     ups[1].wait_for_hits(1).await;
     // web-1 starts terminating while its request is in flight.
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
+    backed_service(
+        &api,
         "web",
-        &[("http", PORT)],
+        "http",
         &[(pods[0].ip(), READY), (pods[1].ip(), TERMINATING)],
-    ));
-    let c2 = client();
-    let url = strait.url("/");
-    eventually(WAIT, "new requests avoid web-1", || {
-        let (c, url) = (c2.clone(), url.clone());
-        async move {
-            let mut all = true;
-            for _ in 0..4 {
-                all &= get_host(&c, &url, "x").await.body == "web-0";
-            }
-            all
-        }
-    })
-    .await;
+    );
+    only(&strait, "x", "web-0", "new requests avoid web-1").await;
     let seen = spread(&strait, "x", "/", 10).await;
     let (a, b) = (first.await.unwrap(), second.await.unwrap());
     assert_eq!((a.status.as_u16(), b.status.as_u16()), (200, 200));
@@ -339,31 +349,7 @@ async fn a_terminating_endpoint_finishes_its_in_flight_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_ingresses_of_our_class_are_served_and_the_default_class_takes_classless_ones() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 1);
-    api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
-    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods),
-    ));
-    let route = [Path("/", "Prefix", "web", "80")];
-    api.apply(k8s::ingress(
-        "apps",
-        "ours",
-        Some("strait"),
-        "ours.test",
-        &route,
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "theirs",
-        Some("nginx"),
-        "theirs.test",
-        &route,
-    ));
+    let (_pods, _ups, route) = ours_and_theirs(&api);
     api.apply(k8s::ingress("apps", "classless", None, "none.test", &route));
     let strait = k8s::controller(&api, &dir, &[]).await;
     wait_ready(&strait).await;
@@ -397,22 +383,8 @@ async fn default_backend_takes_unmatched_requests() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("fallback", 1);
     let (web_pods, _web_ups) = pods_named("web", 1);
-    api.apply(k8s::service("apps", "fallback", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "fallback-a",
-        "fallback",
-        &[("", PORT)],
-        &ready(&pods),
-    ));
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", PORT)],
-        &ready(&web_pods),
-    ));
+    backed_service(&api, "fallback", "", &ready(&pods));
+    backed_service(&api, "web", "", &ready(&web_pods));
     let mut ing = k8s::ingress(
         "apps",
         "site",
@@ -449,29 +421,15 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
     let (api, dir) = cluster().await;
     let (a_pods, _a) = pods("first", 1);
     let (b_pods, _b) = pods("second", 1);
-    api.apply(k8s::service("apps", "first", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "first-a",
-        "first",
-        &[("", PORT)],
-        &ready(&a_pods),
-    ));
-    api.apply(k8s::service("apps", "second", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "second-a",
-        "second",
-        &[("", PORT)],
-        &ready(&b_pods),
-    ));
+    backed_service(&api, "first", "", &ready(&a_pods));
+    backed_service(&api, "second", "", &ready(&b_pods));
     // Created first: it keeps the host and path.
     api.apply(k8s::ingress(
         "apps",
         "zz-older",
         Some("strait"),
         "shop.test",
-        &[Path("/", "Prefix", "first", "80")],
+        &to("first"),
     ));
     // creationTimestamp has one-second resolution: wait for the server's clock to move on,
     // so the second Ingress is strictly newer (its name sorts first, so a tie would go to it).
@@ -501,7 +459,7 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
         "broken",
         Some("strait"),
         "broken.test",
-        &[Path("/", "Prefix", "missing", "80")],
+        &to("missing"),
     ));
     let strait = k8s::controller(&api, &dir, &[]).await;
     wait_ready(&strait).await;
@@ -550,14 +508,7 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
 
     // The Service appears: the broken Ingress starts working, the others keep working.
     let (m_pods, _m) = pods("missing", 1);
-    api.apply(k8s::service("apps", "missing", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "missing-a",
-        "missing",
-        &[("", PORT)],
-        &ready(&m_pods),
-    ));
+    backed_service(&api, "missing", "", &ready(&m_pods));
     until(
         &strait,
         "broken.test",
@@ -575,21 +526,8 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
 async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
     let (api, dir) = cluster().await;
     let (pods, ups) = pods("web", 4);
-    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods[..1]),
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "",
-        &[Path("/", "Prefix", "web", "80")],
-    ));
+    backed_service(&api, "web", "http", &ready(&pods[..1]));
+    api.apply(k8s::ingress("apps", "web", Some("strait"), "", &to("web")));
     let strait = k8s::controller(&api, &dir, &[]).await;
     wait_ready(&strait).await;
 
@@ -623,23 +561,11 @@ async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
     // Scale up 1 -> 4, then down 4 -> 2 (the removed pods drain: they stay up, as pods do
     // during their grace period).
     for n in [2, 3, 4] {
-        api.apply(k8s::slice(
-            "apps",
-            "web-a",
-            "web",
-            &[("http", PORT)],
-            &ready(&pods[..n]),
-        ));
+        backed_service(&api, "web", "http", &ready(&pods[..n]));
         ups[n - 1].wait_for_hits(5).await;
     }
     let hits_before: Vec<usize> = ups.iter().map(Upstream::hits).collect();
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("http", PORT)],
-        &ready(&pods[..2]),
-    ));
+    backed_service(&api, "web", "http", &ready(&pods[..2]));
     // Once the new table is in force, the removed pods' counts stop moving.
     let c = client();
     let url = strait.url("/");
@@ -668,24 +594,7 @@ async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_after_410() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 1);
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", PORT)],
-        &ready(&pods),
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "web.test",
-        &[Path("/", "Prefix", "web", "80")],
-    ));
-    let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    let (strait, _pods, _ups) = web_behind(&api, &dir, 1, "", "web.test").await;
     // The very first table already has the route: no partial table was ever in force.
     let first_table = strait
         .log
@@ -703,6 +612,16 @@ async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_afte
     // The API goes away; meanwhile the Ingress is deleted and history is compacted, so the
     // watches come back with an expired resourceVersion: 410 Gone, then a fresh list.
     api.set_unavailable(true);
+    // Only once the Ingress watch has been refused can no watch from before slip in.
+    eventually(WAIT, "the Ingress watch is refused", || {
+        let refused = api.open_watches() == 0
+            && api
+                .requests()
+                .iter()
+                .any(|(_, p, code)| p.contains("/ingresses") && *code == 503);
+        async move { refused }
+    })
+    .await;
     api.delete("ingresses", "apps", "web").unwrap();
     api.compact();
     api.set_unavailable(false);
@@ -725,14 +644,7 @@ async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_afte
 async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_table() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("web", 1);
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", PORT)],
-        &ready(&pods),
-    ));
+    backed_service(&api, "web", "", &ready(&pods));
     for i in 0..20 {
         api.apply(k8s::ingress(
             "apps",
@@ -775,31 +687,7 @@ async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_tabl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn served_ingresses_get_the_published_address_in_their_status() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 1);
-    api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", PORT)],
-        &ready(&pods),
-    ));
-    let route = [Path("/", "Prefix", "web", "80")];
-    api.apply(k8s::ingress(
-        "apps",
-        "ours",
-        Some("strait"),
-        "ours.test",
-        &route,
-    ));
-    api.apply(k8s::ingress(
-        "apps",
-        "theirs",
-        Some("nginx"),
-        "theirs.test",
-        &route,
-    ));
+    let (_pods, _ups, _) = ours_and_theirs(&api);
     let strait = k8s::controller(&api, &dir, &["--publish-address", "203.0.113.9"]).await;
     wait_ready(&strait).await;
     let ip = |name: &str| {
@@ -956,20 +844,13 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
 async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("web", 1);
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", PORT)],
-        &ready(&pods),
-    ));
+    backed_service(&api, "web", "", &ready(&pods));
     api.apply(k8s::ingress(
         "apps",
         "web",
         Some("strait"),
         "web.test",
-        &[Path("/", "Prefix", "web", "80")],
+        &to("web"),
     ));
     let config = dir.write(
         "static.yaml",

@@ -173,6 +173,17 @@ impl KubeApi {
         path
     }
 
+    /// A kube-rs client built from this server's kubeconfig file (written in `dir`), the
+    /// way Strait builds one.
+    pub async fn client(&self, dir: &Path) -> kube::Client {
+        let path = self.kubeconfig(dir);
+        let kc = kube::config::Kubeconfig::read_from(&path).unwrap();
+        let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+            .await
+            .unwrap();
+        kube::Client::try_from(cfg).unwrap()
+    }
+
     /// Creates `obj`, or replaces the object of that name, with the same defaulting and
     /// validation as a client's write. Panics with the server's message if it is refused.
     pub fn apply(&self, obj: Value) -> Value {
