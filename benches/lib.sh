@@ -18,14 +18,15 @@ need() {  # commands...
   done
 }
 
-# One nginx backend answering a 64-byte body on 127.0.0.1:18091, one worker, on CPU 0.
-start_backend() {
-  cat >"$work/backend.conf" <<NGINX
+# The start of an nginx config for one foreground worker whose files all stay in $work,
+# up to and inside `http {`: the caller adds its servers and closes the block.
+nginx_head() {  # name worker_connections
+  cat <<NGINX
 worker_processes 1;
 daemon off;
-pid $work/backend.pid;
-error_log $work/backend-error.log;
-events { worker_connections 4096; }
+pid $work/$1.pid;
+error_log $work/$1-error.log;
+events { worker_connections $2; }
 http {
   access_log off;
   client_body_temp_path $work;
@@ -34,12 +35,21 @@ http {
   uwsgi_temp_path $work;
   scgi_temp_path $work;
   keepalive_requests 1000000;
+NGINX
+}
+
+# One nginx backend answering a 64-byte body on 127.0.0.1:18091, one worker, on CPU 0.
+start_backend() {
+  {
+    nginx_head backend 4096
+    cat <<NGINX
   server {
     listen 127.0.0.1:18091;
     location / { return 200 "$(printf 'x%.0s' $(seq 64))"; }
   }
 }
 NGINX
+  } >"$work/backend.conf"
   taskset -c 0 nginx -c "$work/backend.conf" &
   pids+=($!)
   wait_ok http://127.0.0.1:18091/

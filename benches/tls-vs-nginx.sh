@@ -31,20 +31,9 @@ start_backend
 
 # nginx as the TLS-terminating proxy, configured the way its documentation recommends for a
 # reverse proxy: keep-alive to the upstream, TLS 1.2 and 1.3, session cache and tickets on.
-cat >"$work/nginx-tls.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $work/nginx-tls.pid;
-error_log $work/nginx-tls-error.log;
-events { worker_connections 8192; }
-http {
-  access_log off;
-  client_body_temp_path $work;
-  proxy_temp_path $work;
-  fastcgi_temp_path $work;
-  uwsgi_temp_path $work;
-  scgi_temp_path $work;
-  keepalive_requests 1000000;
+{
+  nginx_head nginx-tls 8192
+  cat <<NGINX
   upstream be { server 127.0.0.1:18091; keepalive 64; }
   server {
     listen 127.0.0.1:18443 ssl;
@@ -60,6 +49,7 @@ http {
   }
 }
 NGINX
+} >"$work/nginx-tls.conf"
 taskset -c 1 nginx -c "$work/nginx-tls.conf" &
 pids+=($!)
 
