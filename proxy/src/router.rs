@@ -420,4 +420,34 @@ mod tests {
         assert_eq!(r.find("h", None, "/", &Method::POST, &h), Some(&"post"));
         assert_eq!(r.find("h", None, "/", &Method::GET, &h), Some(&"plain"));
     }
+
+    #[test]
+    fn a_port_condition_takes_requests_naming_that_port() {
+        let mut r = Router::default();
+        let p = PathMatch::Prefix("/".into());
+        let on = |port| Conditions {
+            port: Some(port),
+            ..Conditions::default()
+        };
+        r.insert(&[HostMatch::Any], &p, &on(8080), "8080");
+        r.insert(&[HostMatch::Any], &p, &on(9090), "9090");
+        r.insert(&[HostMatch::Any], &p, &Conditions::default(), "no port");
+        let h = HeaderMap::new();
+        let find = |port| r.find("svc.ns", port, "/", &Method::GET, &h).copied();
+        assert_eq!(find(Some(8080)), Some("8080"));
+        assert_eq!(find(Some(9090)), Some("9090"));
+        assert_eq!(find(Some(7000)), Some("no port"));
+        assert_eq!(find(None), Some("no port"));
+    }
+
+    #[test]
+    fn host_port_reads_the_port_of_names_and_bracketed_ipv6_only() {
+        assert_eq!(host_port("svc.ns:8080"), Some(8080));
+        assert_eq!(host_port("svc.ns"), None);
+        assert_eq!(host_port("[::1]:8080"), Some(8080));
+        assert_eq!(host_port("[::1]"), None);
+        assert_eq!(host_port("::1"), None);
+        assert_eq!(host_port("svc:notaport"), None);
+        assert_eq!(host_port("svc:70000"), None);
+    }
 }
