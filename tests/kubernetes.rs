@@ -779,7 +779,7 @@ async fn service_names_route_grpc_per_request_over_every_ready_pod() {
 async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
     let (api, dir) = cluster().await;
     let pods: Vec<Pod> = (0..2).map(|_| Pod::create()).collect();
-    let _ups: Vec<Upstream> = pods
+    let mut ups: Vec<Upstream> = pods
         .iter()
         .enumerate()
         .map(|(i, p)| p.upstream_on(&format!("db-{i}"), 3306))
@@ -829,6 +829,30 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
     }
     assert_eq!(seen.get("db-0"), Some(&5), "{seen:?}");
     assert_eq!(seen.get("db-1"), Some(&5), "{seen:?}");
+
+    // One pod stops listening: connections still succeed (the next endpoint is tried), and
+    // after 5 refused connects in a row outlier detection ejects it.
+    drop(ups.pop());
+    let dead = std::net::SocketAddr::new(pods[1].ip(), 3306);
+    eventually(WAIT, "db-1 refuses connections", || async move {
+        tokio::net::TcpStream::connect(dead).await.is_err()
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(fresh(url.clone()).await.as_deref(), Some("db-0"));
+    }
+    let metrics = support::get(&client(), &strait.admin_url("/metrics"))
+        .await
+        .body;
+    assert!(
+        metrics.contains("strait_outlier_ejections_total{backend=\"apps/db:3306@tcp\"} 1"),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("outlier"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 
     // Without the annotation the port closes.
     svc["metadata"]["annotations"] = json!({});
