@@ -348,13 +348,18 @@ async fn tcp_listener_spreads_connections_over_a_headless_name() {
         vec![10, 10, 10],
         "connections round-robin over the records"
     );
-    let metrics = get(&client(), &b.admin_url("/metrics")).await.body;
-    assert!(
-        metrics.contains(
-            r#"strait_tcp_connections_total{listener="raw",backend="web",result="closed"} 30"#
-        ),
-        "{metrics}"
-    );
+    // Counted when the relay ends, which can be a moment after the client saw EOF.
+    let c = client();
+    let url = b.admin_url("/metrics");
+    eventually(Duration::from_secs(5), "all 30 relays counted", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move {
+            get(&c, &url).await.body.contains(
+                r#"strait_tcp_connections_total{listener="raw",backend="web",result="closed"} 30"#,
+            )
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
