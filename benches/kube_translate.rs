@@ -122,6 +122,7 @@ fn main() {
             translate: TranslateOptions::default(),
             namespaces: Vec::new(),
             http_addr: "127.0.0.1:0".into(),
+            https_addr: None,
             service_addr: None,
             publish: PublishSource::None,
             debounce: Duration::from_millis(20),

@@ -88,8 +88,8 @@ struct KubeArgs {
     #[arg(long, value_name = "IP:PORT")]
     service_addr: Option<SocketAddr>,
 
-    /// Address of the HTTPS listener for Ingress routes [default: 0.0.0.0:8443]; not bound
-    /// until Ingress TLS is served.
+    /// Address of the HTTPS listener for Ingress routes [default: 0.0.0.0:8443], with the
+    /// certificates of the Ingresses' TLS Secrets; bound while at least one is usable.
     #[arg(long, value_name = "IP:PORT")]
     https_addr: Option<SocketAddr>,
 
@@ -331,6 +331,7 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
         service_addr,
         namespaces,
         http_addr,
+        https_addr: Some(args.https_addr.map_or(file.https_addr, |a| a.to_string())),
         publish,
         debounce: file.debounce,
         max_delay: Duration::from_secs(1),

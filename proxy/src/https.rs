@@ -106,7 +106,13 @@ impl TlsListener {
         let mut groups: Vec<Group<'_>> = Vec::new();
         let mut default_group = None;
         for (i, c) in spec.certificates.iter().enumerate() {
-            let loaded = match tls::load_cert(Path::new(&c.cert), Path::new(&c.key)) {
+            let loaded = match &c.pem {
+                Some(pem) => {
+                    tls::load_cert_pem(Path::new(&c.cert), &pem.cert, Path::new(&c.key), &pem.key)
+                }
+                None => tls::load_cert(Path::new(&c.cert), Path::new(&c.key)),
+            };
+            let loaded = match loaded {
                 Ok(l) => l,
                 Err(e) => {
                     let field = if e.path == Path::new(&c.key) {

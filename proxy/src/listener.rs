@@ -186,7 +186,8 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
                 let guard = conn_cx.table.load();
                 guard
                     .as_ref()
-                    .and_then(|t| t.listeners.get(index)?.tls.clone())
+                    // By name: dynamic listeners (Kubernetes) shift indices between tables.
+                    .and_then(|t| t.listener(index, &conn_cx.listener_name)?.tls.clone())
             };
             match tls {
                 None => serve_one(&builder, watcher, io, conn_cx).await,

@@ -54,6 +54,34 @@ pub fn load_cert(cert: &Path, key: &Path) -> Result<LoadedCert, TlsError> {
     let chain = load_chain(cert)?;
     let private = PrivateKeyDer::from_pem_file(key)
         .map_err(|e| TlsError::new(key, format!("no private key: {e}")))?;
+    certified(cert, chain, key, private)
+}
+
+/// The same as [`load_cert`] for PEM held in memory; `cert_name` and `key_name` say where
+/// it came from in errors (e.g. `Secret default/site (tls.crt)`).
+pub fn load_cert_pem(
+    cert_name: &Path,
+    cert_pem: &[u8],
+    key_name: &Path,
+    key_pem: &[u8],
+) -> Result<LoadedCert, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::new(cert_name, format!("bad PEM: {e}")))?;
+    if chain.is_empty() {
+        return Err(TlsError::new(cert_name, "no CERTIFICATE block"));
+    }
+    let private = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| TlsError::new(key_name, format!("no private key: {e}")))?;
+    certified(cert_name, chain, key_name, private)
+}
+
+fn certified(
+    cert: &Path,
+    chain: Vec<CertificateDer<'static>>,
+    key: &Path,
+    private: PrivateKeyDer<'static>,
+) -> Result<LoadedCert, TlsError> {
     let certified = CertifiedKey::from_der(chain, private, &provider())
         .map_err(|e| TlsError::new(key, format!("does not go with {}: {e}", cert.display())))?;
     let names = leaf_names(cert, &certified.cert[0])?;

@@ -49,6 +49,7 @@ const NAMES: &[&str] = &[
     "outlier-ejection-time",
     "outlier-max-ejection-time",
     "outlier-max-ejection-percent",
+    "ssl-redirect",
 ];
 
 /// ingress-nginx names that people carry over with only the prefix changed, and the Strait
@@ -122,6 +123,9 @@ pub struct IngressSettings {
     pub max_retries: Option<u32>,
     /// The `outlier-*` annotations, on top of the [`OutlierSpec`] defaults.
     pub outlier_detection: Option<OutlierSpec>,
+    /// `ssl-redirect`: whether plain-HTTP requests for the Ingress's TLS hosts are
+    /// redirected to HTTPS (unset: yes, as ingress-nginx does).
+    pub ssl_redirect: Option<bool>,
 }
 
 impl IngressSettings {
@@ -276,6 +280,7 @@ struct Raw {
     outlier_ejection_time: Option<Duration>,
     outlier_max_ejection_time: Option<Duration>,
     outlier_max_ejection_percent: Option<u32>,
+    ssl_redirect: Option<bool>,
 }
 
 struct Parser<'a> {
@@ -312,6 +317,7 @@ impl Parser<'_> {
                 boolean(v).map(|b| r.rate_limit_response_headers = Some(b))
             }
             "rewrite-prefix" => path(v).map(|p| r.rewrite_prefix = Some(p)),
+            "ssl-redirect" => boolean(v).map(|b| r.ssl_redirect = Some(b)),
             "set-request-headers" => headers(v).map(|h| r.set_request_headers = Some(h)),
             "set-response-headers" => headers(v).map(|h| r.set_response_headers = Some(h)),
             "load-balance" => policy(v).map(|p| r.load_balance = Some(p)),
@@ -381,6 +387,7 @@ impl Parser<'_> {
             max_requests: r.max_requests,
             max_retries: r.max_retries,
             outlier_detection,
+            ssl_redirect: r.ssl_redirect,
             ..IngressSettings::default()
         };
 

@@ -8,6 +8,7 @@
 //! serves a partial table; `/ready` stays 503 until then.
 
 pub mod annotations;
+pub mod certs;
 pub mod cluster;
 pub mod events;
 pub mod leader;
@@ -20,12 +21,13 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_proxy::table::spec::{ListenerProtocol, ListenerSpec, Spec};
+use strait_proxy::table::spec::{ListenerProtocol, ListenerSpec, ListenerTlsSpec, Spec};
 use strait_proxy::table::CompileError;
 use tokio::sync::watch as tokio_watch;
 use tokio::time::Instant;
 
 use crate::publisher::Publisher;
+use certs::SecretCerts;
 use cluster::{Cluster, Key, Object};
 use events::{EventSink, Report};
 use status::{PublishSource, Served, ServedIngress, StatusWriter};
@@ -42,6 +44,9 @@ pub const INGRESS_PROBLEMS: &str = "strait_kubernetes_ingress_problems";
 pub const HTTP_LISTENER: &str = "kubernetes-http";
 /// Name of the listener that routes by Service name (when enabled).
 pub const SERVICE_LISTENER: &str = "kubernetes-services";
+/// Name of the HTTPS listener for Ingress routes, present while some Ingress `tls` entry
+/// has a usable certificate.
+pub const HTTPS_LISTENER: &str = "kubernetes-https";
 
 /// Registers the help text of the Kubernetes source's metrics.
 pub fn describe_metrics() {
@@ -65,6 +70,8 @@ pub struct Options {
     pub namespaces: Vec<String>,
     /// Address of the HTTP listener for Ingress routes.
     pub http_addr: String,
+    /// Address of the HTTPS listener for Ingresses with `tls` (none: HTTP only).
+    pub https_addr: Option<String>,
     /// Address of the listener that routes by Service name, if enabled.
     pub service_addr: Option<String>,
     /// Where the address written into Ingress status comes from.
@@ -200,6 +207,8 @@ pub struct Controller {
     base: Spec,
     cluster: Cluster,
     events: Option<EventSink>,
+    /// Certificates of the TLS Secrets, each checked once per version.
+    certs: SecretCerts,
     /// Problems already reported, per Ingress: each is reported once while it lasts.
     reported: HashMap<Key, HashSet<(&'static str, String)>>,
     served: tokio_watch::Sender<Arc<Served>>,
@@ -227,6 +236,7 @@ impl Controller {
             publisher,
             base,
             cluster: Cluster::default(),
+            certs: SecretCerts::default(),
             events,
             reported: HashMap::new(),
             served,
@@ -287,9 +297,15 @@ impl Controller {
             }
         }
         let started = std::time::Instant::now();
+        self.certs.refresh(&self.cluster);
         let mut excluded: HashMap<Key, Problem> = HashMap::new();
         for _ in 0..PUBLISH_ATTEMPTS {
-            let t = translate(&self.cluster, &self.options.translate, &excluded);
+            let t = translate(
+                &self.cluster,
+                &self.options.translate,
+                &excluded,
+                &self.certs,
+            );
             match self
                 .publisher
                 .publish_generated(self.merge(&t), "kubernetes")
@@ -392,16 +408,37 @@ impl Controller {
         }
     }
 
-    /// The static configuration with the translated routes and backends added.
+    /// The static configuration with the translated listeners, routes and backends added.
     fn merge(&self, t: &Translation) -> Spec {
         let mut spec = self.base.clone();
+        let https = self
+            .options
+            .https_addr
+            .as_ref()
+            .filter(|_| !t.certificates.is_empty());
         for l in &mut spec.listeners {
             if l.name == HTTP_LISTENER {
-                l.routes = Arc::clone(&t.routes);
+                // Redirects to HTTPS only while there is an HTTPS listener to go to.
+                l.routes = match (&t.http_routes, https) {
+                    (Some(http), Some(_)) => Arc::clone(http),
+                    _ => Arc::clone(&t.routes),
+                };
                 l.default_route = t.default_route.clone();
             } else if l.name == SERVICE_LISTENER {
                 l.routes = Arc::clone(&t.service_routes);
             }
+        }
+        if let Some(address) = https {
+            spec.listeners.push(ListenerSpec {
+                name: HTTPS_LISTENER.into(),
+                address: address.clone(),
+                protocol: ListenerProtocol::Https,
+                tcp: None,
+                routes: Arc::clone(&t.routes),
+                default_route: t.default_route.clone(),
+                routes_from: None,
+                tls: Some(ListenerTlsSpec::new(t.certificates.clone())),
+            });
         }
         spec.backends.extend(t.backends.iter().cloned());
         spec.listeners.extend(t.tcp_listeners.iter().cloned());
@@ -471,6 +508,11 @@ fn blame(spec: &Spec, t: &Translation, errors: &[CompileError]) -> Vec<(Key, Str
                     );
                 } else if after.starts_with("default_route") {
                     routes.extend(l.default_route.as_ref().and_then(|r| r.name.as_deref()));
+                } else if let Some(c) = after.strip_prefix("tls.certificates[") {
+                    let ci: Option<usize> = c.split(']').next().and_then(|n| n.parse().ok());
+                    if let Some(k) = ci.and_then(|i| t.certificate_owners.get(i)) {
+                        out.push((k.clone(), e.to_string()));
+                    }
                 }
             }
         } else if let Some(rest) = e.path.strip_prefix("backends[") {

@@ -14,11 +14,12 @@ use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressServiceBa
 use std::time::Duration;
 
 use strait_proxy::table::spec::{
-    BackendSpec, EndpointSpec, ListenerProtocol, ListenerSpec, MatchSpec, OutlierSpec, Policy,
-    RouteSpec, TcpForwardSpec, UpstreamProtocol,
+    BackendSpec, CertificateSpec, EndpointSpec, ListenerProtocol, ListenerSpec, MatchSpec,
+    OutlierSpec, Policy, RedirectSpec, RouteSpec, TcpForwardSpec, UpstreamProtocol,
 };
 
 use super::annotations::{self, IngressSettings};
+use super::certs::{self, CertState, SecretCerts};
 use super::cluster::{Cluster, Key};
 
 /// The controller name an IngressClass must have for Strait to serve its Ingresses.
@@ -92,8 +93,17 @@ pub struct EndpointSource {
 /// The result of a translation.
 #[derive(Debug, Default, Clone)]
 pub struct Translation {
-    /// Routes for the Kubernetes HTTP listener.
+    /// Routes of the Ingresses, as the HTTPS listener serves them, and the HTTP listener
+    /// too unless [`Translation::http_routes`] is set.
     pub routes: Arc<Vec<RouteSpec>>,
+    /// Routes for the HTTP listener when some of them redirect to HTTPS (hosts with a
+    /// certificate, `ssl-redirect` not turned off): the same routes, those redirecting.
+    pub http_routes: Option<Arc<Vec<RouteSpec>>>,
+    /// Certificates of the Ingresses' `tls` sections, oldest Ingress first (so its
+    /// certificate wins a name two Ingresses claim, and is the default).
+    pub certificates: Vec<CertificateSpec>,
+    /// The Ingress each of `certificates` came from.
+    pub certificate_owners: Vec<Key>,
     /// Routes by Service name, for the Service listener (when enabled).
     pub service_routes: Arc<Vec<RouteSpec>>,
     /// `tcp` listeners of Services annotated with [`TCP_PORT_ANNOTATION`].
@@ -120,9 +130,12 @@ pub fn translate(
     cluster: &Cluster,
     options: &TranslateOptions,
     excluded: &HashMap<Key, Problem>,
+    certs: &SecretCerts,
 ) -> Translation {
     let mut out = Translation::default();
     let mut routes = Vec::new();
+    // Which of `routes` the HTTP listener answers with a redirect to HTTPS.
+    let mut redirects: Vec<bool> = Vec::new();
     let mut ours: Vec<(&Key, &Ingress)> = cluster
         .ingresses
         .iter()
@@ -145,7 +158,7 @@ pub fn translate(
             out.problems.push(p.clone());
             continue;
         }
-        match translate_ingress(cluster, key, ing) {
+        match translate_ingress(cluster, key, ing, certs) {
             Ok(t) => {
                 let mut applied = 0;
                 for (conflict_key, route) in t.routes {
@@ -162,6 +175,7 @@ pub fn translate(
                         });
                         continue;
                     }
+                    redirects.push(t.redirect && covers(&t.tls_hosts, &conflict_key.0));
                     taken.insert(conflict_key, key.clone());
                     out.owners
                         .insert(route.name.clone().unwrap_or_default(), key.clone());
@@ -194,12 +208,31 @@ pub fn translate(
                     backends.entry(b.name.clone()).or_insert(b);
                 }
                 out.problems.extend(t.warnings);
+                out.certificate_owners
+                    .extend(t.certificates.iter().map(|_| key.clone()));
+                out.certificates.extend(t.certificates);
                 if applied > 0 || t.empty {
                     out.served.push(key.clone());
                 }
             }
             Err(p) => out.problems.push(p),
         }
+    }
+    if redirects.contains(&true) {
+        let http = routes
+            .iter()
+            .zip(&redirects)
+            .map(
+                |(r, redirect)| {
+                    if *redirect {
+                        to_https(r)
+                    } else {
+                        r.clone()
+                    }
+                },
+            )
+            .collect();
+        out.http_routes = Some(Arc::new(http));
     }
     out.routes = Arc::new(routes);
     if let Some(sr) = &options.service_routing {
@@ -274,8 +307,15 @@ struct IngressRoutes {
     routes: Vec<((String, bool, String), RouteSpec)>,
     default_route: Option<RouteSpec>,
     backends: Vec<(BackendSpec, Option<EndpointSource>)>,
-    /// Problems that do not keep the Ingress out (its `tls` section, served later).
+    /// Problems that do not keep the Ingress out (a `tls` entry without a usable
+    /// certificate).
     warnings: Vec<Problem>,
+    /// Certificates of its `tls` section that can be served.
+    certificates: Vec<CertificateSpec>,
+    /// Hosts those certificates are for (empty: every host of the Ingress).
+    tls_hosts: Vec<String>,
+    /// Plain-HTTP requests for `tls_hosts` are redirected to HTTPS.
+    redirect: bool,
     /// It has neither rules with paths nor a default backend.
     empty: bool,
 }
@@ -284,6 +324,7 @@ fn translate_ingress(
     cluster: &Cluster,
     key: &Key,
     ing: &Ingress,
+    certs: &SecretCerts,
 ) -> Result<IngressRoutes, Problem> {
     let problem = |reason, message: String| Problem {
         ingress: key.clone(),
@@ -302,6 +343,9 @@ fn translate_ingress(
         default_route: None,
         backends: Vec::new(),
         warnings: Vec::new(),
+        certificates: Vec::new(),
+        tls_hosts: Vec::new(),
+        redirect: false,
         empty: false,
     };
     let Some(spec) = &ing.spec else {
@@ -405,12 +449,85 @@ fn translate_ingress(
     }
     out.empty = !any_path && out.default_route.is_none();
     for (i, tls) in spec.tls.iter().flatten().enumerate() {
-        if let Some(m) = check_tls(cluster, &key.namespace, tls.secret_name.as_deref()) {
-            out.warnings
-                .push(problem("InvalidTLS", format!("tls[{i}]: {m}")));
+        // Without a Secret the hosts get the listener's default certificate.
+        let Some(secret) = tls.secret_name.as_deref() else {
+            continue;
+        };
+        let pem = match certs.get(&key.namespace, secret) {
+            CertState::Valid(pem) => pem,
+            CertState::Stale(pem, why) => {
+                out.warnings.push(problem(
+                    "InvalidTLS",
+                    format!("tls[{i}]: {why}; the Secret's previous certificate stays in force"),
+                ));
+                pem
+            }
+            CertState::Unusable(why) => {
+                out.warnings.push(problem(
+                    "InvalidTLS",
+                    format!("tls[{i}]: {why}; these hosts are not served over HTTPS"),
+                ));
+                continue;
+            }
+        };
+        let hosts: Vec<String> = tls
+            .hosts
+            .iter()
+            .flatten()
+            .map(|h| h.to_ascii_lowercase())
+            .collect();
+        if hosts.is_empty() {
+            // Every host of the Ingress: an empty entry covers all.
+            out.tls_hosts.clear();
+            out.tls_hosts.push(String::new());
+        } else if out.tls_hosts != [""] {
+            out.tls_hosts.extend(hosts.iter().cloned());
         }
+        let secret_key = Key::new(&key.namespace, secret);
+        out.certificates.push(CertificateSpec {
+            cert: certs::label(&secret_key, "tls.crt"),
+            key: certs::label(&secret_key, "tls.key"),
+            hosts,
+            default: false,
+            client_auth: None,
+            pem: Some(pem),
+        });
     }
+    out.redirect = !out.certificates.is_empty() && settings.ssl_redirect != Some(false);
     Ok(out)
+}
+
+/// Whether a route for `host` is under one of `tls_hosts` (`""` there: every host; a
+/// `*.suffix` entry covers one label below the suffix, as certificates do).
+fn covers(tls_hosts: &[String], host: &str) -> bool {
+    tls_hosts.iter().any(|t| {
+        t.is_empty()
+            || t == host
+            || t.strip_prefix("*.").is_some_and(|suffix| {
+                host.split_once('.')
+                    .is_some_and(|(label, rest)| !label.is_empty() && rest == suffix)
+            })
+    })
+}
+
+/// The plain-HTTP form of a route whose host has a certificate: a permanent redirect to the
+/// same URL over HTTPS (308, so methods and bodies are kept; the default port, as the
+/// cluster's entry point maps 443 to the HTTPS listener).
+fn to_https(route: &RouteSpec) -> RouteSpec {
+    let mut r = RouteSpec::forward(
+        route.name.clone().unwrap_or_default(),
+        route.matches.clone(),
+        String::new(),
+    );
+    r.forward = None;
+    r.redirect = Some(RedirectSpec {
+        scheme: Some("https".into()),
+        host: None,
+        port: None,
+        path: None,
+        status: 308,
+    });
+    r
 }
 
 /// The backend for a Service port, named `namespace/service:port`, with its endpoints.
@@ -677,31 +794,49 @@ pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec
         .collect()
 }
 
-/// Checks an Ingress `tls` entry's Secret; `None` when it is usable.
-fn check_tls(cluster: &Cluster, namespace: &str, secret: Option<&str>) -> Option<String> {
-    let name = secret?;
-    let key = Key::new(namespace, name);
-    let Some(s) = cluster.secrets.get(&key) else {
-        return Some(format!(
-            "Secret {key} does not exist (or is not of type kubernetes.io/tls)"
-        ));
-    };
-    let data = s.data.as_ref();
-    for field in ["tls.crt", "tls.key"] {
-        if data
-            .and_then(|d| d.get(field))
-            .is_none_or(|v| v.0.is_empty())
-        {
-            return Some(format!("Secret {key} has no {field}"));
-        }
-    }
-    None
-}
-
 fn or_any(host: &str) -> &str {
     if host.is_empty() {
         "*"
     } else {
         host
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_hosts_cover_their_names_and_one_label_below_a_wildcard() {
+        let hosts = vec![
+            "shop.example.com".to_owned(),
+            "*.apps.example.com".to_owned(),
+        ];
+        assert!(covers(&hosts, "shop.example.com"));
+        assert!(covers(&hosts, "a.apps.example.com"));
+        assert!(covers(&hosts, "*.apps.example.com"));
+        assert!(!covers(&hosts, "a.b.apps.example.com"), "one label only");
+        assert!(!covers(&hosts, "apps.example.com"));
+        assert!(
+            !covers(&hosts, ""),
+            "a route for any host is not one TLS host"
+        );
+        assert!(covers(&[String::new()], "anything.example"));
+    }
+
+    #[test]
+    fn the_https_form_of_a_route_keeps_its_match_and_redirects_permanently() {
+        let matches = MatchSpec {
+            hosts: vec!["shop.example.com".into()],
+            prefix: Some("/cart".into()),
+            ..MatchSpec::default()
+        };
+        let r = to_https(&RouteSpec::forward("apps/shop/0/0", matches.clone(), "b"));
+        assert_eq!(r.name.as_deref(), Some("apps/shop/0/0"));
+        assert_eq!(r.matches, matches);
+        assert!(r.forward.is_none());
+        let redirect = r.redirect.unwrap();
+        assert_eq!(redirect.scheme.as_deref(), Some("https"));
+        assert_eq!((redirect.port, redirect.status), (None, 308));
     }
 }

@@ -93,7 +93,7 @@ impl Spec {
     pub fn referenced_files(&self) -> Vec<std::path::PathBuf> {
         let mut files = Vec::new();
         for tls in self.listeners.iter().filter_map(|l| l.tls.as_ref()) {
-            for c in &tls.certificates {
+            for c in tls.certificates.iter().filter(|c| c.pem.is_none()) {
                 files.push(c.cert.as_str());
                 files.push(c.key.as_str());
                 files.extend(c.client_auth.as_ref().map(|a| a.ca.as_str()));
@@ -299,6 +299,20 @@ pub struct ListenerTlsSpec {
     pub hsts: Option<HstsSpec>,
 }
 
+impl ListenerTlsSpec {
+    /// These certificates with the default settings (TLS 1.2 and 1.3, ALPN h2 then
+    /// http/1.1, no client certificates, no HSTS).
+    pub fn new(certificates: Vec<CertificateSpec>) -> Self {
+        Self {
+            certificates,
+            min_version: default_min_tls(),
+            alpn: default_alpn(),
+            client_auth: None,
+            hsts: None,
+        }
+    }
+}
+
 fn default_min_tls() -> String {
     "1.2".to_owned()
 }
@@ -325,6 +339,30 @@ pub struct CertificateSpec {
     /// listener's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_auth: Option<ClientAuthSpec>,
+    /// The PEM itself, when a source holds it in memory (a Kubernetes Secret) rather than in
+    /// files; `cert` and `key` then only say where it came from. Never read from a config
+    /// file and never written out (`/config`), so a private key does not leave the process.
+    #[serde(skip)]
+    pub pem: Option<Arc<PemPair>>,
+}
+
+/// A certificate chain and its private key, in PEM, held in memory.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PemPair {
+    /// PEM chain, leaf first.
+    pub cert: Vec<u8>,
+    /// PEM private key.
+    pub key: Vec<u8>,
+}
+
+impl std::fmt::Debug for PemPair {
+    // A table is logged with `{:?}` in places; the key must not end up in a log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PemPair")
+            .field("cert_bytes", &self.cert.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
 }
 
 /// Client certificate verification.
