@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # Strait's container image: one static binary on distroless, running as a non-root user.
 #
 #   docker build -t strait:latest .
@@ -18,11 +16,9 @@ RUN apt-get update \
  && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
-# The caches keep the registry and compiled dependencies between builds (BuildKit); the
-# binary is copied out because a cache mount is not part of the layer.
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --target x86_64-unknown-linux-musl \
+# No BuildKit-only features (cache mounts): `minikube image build` may run the classic
+# builder. So any change to the sources rebuilds every dependency; it takes minutes.
+RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
  && install -D -m 0755 target/x86_64-unknown-linux-musl/release/strait /out/strait
 
 # No shell, no package manager, no libc: nothing for an attacker to use, and nothing that
