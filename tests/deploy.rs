@@ -52,14 +52,15 @@ fn tool(name: &str) -> Option<PathBuf> {
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
     if let Ok(out) = Command::new("python3")
-        .args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"])
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_path('scripts'))",
+        ])
         .output()
     {
         dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
     }
-    dirs.into_iter()
-        .map(|d| d.join(name))
-        .find(|p| p.is_file())
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 fn required_tool(name: &str, package: &str) -> PathBuf {
@@ -99,10 +100,7 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for p in entries {
         if p.is_dir() {
             yaml_files(&p, out);
-        } else if p
-            .extension()
-            .is_some_and(|e| e == "yaml" || e == "yml")
-        {
+        } else if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
             out.push(p);
         }
     }
@@ -137,7 +135,9 @@ fn dockerfile_instructions(text: &str) -> Vec<Instruction> {
             continue;
         }
         current.push_str(trimmed);
-        let (keyword, args) = current.split_once(char::is_whitespace).unwrap_or((&current, ""));
+        let (keyword, args) = current
+            .split_once(char::is_whitespace)
+            .unwrap_or((&current, ""));
         out.push(Instruction {
             keyword: keyword.to_ascii_uppercase(),
             args: args.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -164,12 +164,18 @@ fn dockerfile_builds_a_static_binary_and_runs_it_unprivileged_on_distroless() {
             .map(|(k, &s)| &instructions[s..*starts.get(k + 1).unwrap_or(&instructions.len())])
             .collect()
     };
-    assert!(stages.len() >= 2, "multi-stage: a build stage and a runtime stage");
+    assert!(
+        stages.len() >= 2,
+        "multi-stage: a build stage and a runtime stage"
+    );
 
     // The build stage: the release build CI's lockfile pins, for the static musl target.
     let build = stages[0];
     let build_from = &build[0].args;
-    assert!(build_from.starts_with("rust:"), "built in a Rust image: {build_from}");
+    assert!(
+        build_from.starts_with("rust:"),
+        "built in a Rust image: {build_from}"
+    );
     let stage_name = build_from
         .split_once(" AS ")
         .or_else(|| build_from.split_once(" as "))
@@ -181,8 +187,9 @@ fn dockerfile_builds_a_static_binary_and_runs_it_unprivileged_on_distroless() {
         .map(|i| i.args.as_str())
         .collect();
     assert!(
-        runs.iter().any(|r| r
-            .contains("cargo build --release --locked --target x86_64-unknown-linux-musl")),
+        runs.iter().any(
+            |r| r.contains("cargo build --release --locked --target x86_64-unknown-linux-musl")
+        ),
         "the release build with the lockfile, for musl: {runs:?}"
     );
     assert!(
@@ -225,7 +232,10 @@ fn dockerfile_builds_a_static_binary_and_runs_it_unprivileged_on_distroless() {
     assert_eq!(users.len(), 1, "{users:?}");
     let ids: Vec<u32> = users[0]
         .split(':')
-        .map(|p| p.parse().expect("a numeric user, which runAsNonRoot can verify"))
+        .map(|p| {
+            p.parse()
+                .expect("a numeric user, which runAsNonRoot can verify")
+        })
         .collect();
     assert!(ids.iter().all(|&id| id != 0), "not root: {users:?}");
 
@@ -334,7 +344,10 @@ fn every_manifest_under_deploy_validates_against_the_kubernetes_schemas() {
         "deploy/kubernetes/rbac.yaml",
         "deploy/kubernetes/service.yaml",
     ] {
-        assert!(names.iter().any(|n| n == expected), "{expected} in {names:?}");
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} in {names:?}"
+        );
     }
     kubernetes_validate(&manifests);
 
@@ -407,10 +420,17 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
     ] {
         assert!(!find(&docs, kind).is_empty(), "a {kind}");
     }
-    let ns = one(&docs, "Namespace")["metadata"]["name"].as_str().unwrap();
+    let ns = one(&docs, "Namespace")["metadata"]["name"]
+        .as_str()
+        .unwrap();
     for d in &docs {
-        let cluster_scoped = ["Namespace", "ClusterRole", "ClusterRoleBinding", "IngressClass"]
-            .contains(&d["kind"].as_str().unwrap());
+        let cluster_scoped = [
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "IngressClass",
+        ]
+        .contains(&d["kind"].as_str().unwrap());
         if !cluster_scoped {
             assert_eq!(d["metadata"]["namespace"], ns, "{} in {ns}", d["kind"]);
         }
@@ -449,7 +469,11 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
     };
     assert!(args.contains(&"--kubernetes"), "{args:?}");
     assert_eq!(flag("--log-format"), Some("json"));
-    assert_eq!(flag("--admin-addr"), Some("0.0.0.0:9901"), "probes reach it");
+    assert_eq!(
+        flag("--admin-addr"),
+        Some("0.0.0.0:9901"),
+        "probes reach it"
+    );
     let service = one(&docs, "Service");
     assert_eq!(
         flag("--publish-service"),
@@ -476,7 +500,9 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
         .map(|e| {
             (
                 e["name"].as_str().unwrap(),
-                e["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap_or(""),
+                e["valueFrom"]["fieldRef"]["fieldPath"]
+                    .as_str()
+                    .unwrap_or(""),
             )
         })
         .collect();
@@ -509,7 +535,10 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
 
     let annotations = &spec["template"]["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
-    assert_eq!(annotations["prometheus.io/port"], ports["admin"].to_string());
+    assert_eq!(
+        annotations["prometheus.io/port"],
+        ports["admin"].to_string()
+    );
     assert_eq!(annotations["prometheus.io/path"], "/metrics");
 
     // Restricted Pod Security: non-root, no privilege escalation, no capabilities, a
@@ -524,19 +553,15 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
     assert_eq!(csc["capabilities"]["drop"], json!(["ALL"]));
 
     // The kubelet waits long enough for a whole drain before it kills.
-    let drain = seconds(
-        config["limits"]["drain_timeout"]
-            .as_str()
-            .unwrap_or("30s"),
-    );
+    let drain = seconds(config["limits"]["drain_timeout"].as_str().unwrap_or("30s"));
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
         grace > drain,
         "terminationGracePeriodSeconds {grace} > drain_timeout {drain}"
     );
 
-    let anti = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
-        ["podAffinityTerm"];
+    let anti = &pod["affinity"]["podAntiAffinity"]
+        ["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"];
     assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
     assert_eq!(&anti["labelSelector"]["matchLabels"], labels);
 
@@ -551,7 +576,12 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| (p["port"].as_u64().unwrap(), p["targetPort"].as_str().unwrap()))
+        .map(|p| {
+            (
+                p["port"].as_u64().unwrap(),
+                p["targetPort"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(
         service_ports,
@@ -561,7 +591,10 @@ fn the_kustomization_deploys_a_complete_hardened_controller() {
 
     // The bindings give the RBAC roles to the pod's ServiceAccount.
     let sa = one(&docs, "ServiceAccount");
-    for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+    for (binding, role) in [
+        ("ClusterRoleBinding", "ClusterRole"),
+        ("RoleBinding", "Role"),
+    ] {
         let b = one(&docs, binding);
         assert_eq!(b["roleRef"]["kind"], role);
         assert_eq!(b["roleRef"]["name"], one(&docs, role)["metadata"]["name"]);
@@ -646,7 +679,10 @@ fn the_standalone_unit_is_hardened_and_its_config_validates() {
     // systemd reads a bare number as seconds.
     let stop = get("TimeoutStopSec").expect("TimeoutStopSec");
     let stop = stop.parse().unwrap_or_else(|_| seconds(stop));
-    assert!(stop > drain, "TimeoutStopSec {stop} > drain_timeout {drain}");
+    assert!(
+        stop > drain,
+        "TimeoutStopSec {stop} > drain_timeout {drain}"
+    );
 
     // The capability to bind a port below 1024, exactly when the config binds one.
     let low_port = config["listeners"].as_array().unwrap().iter().any(|l| {
@@ -784,7 +820,10 @@ fn the_dashboard_uses_only_documented_metrics() {
     ] {
         assert!(used.contains(needed), "the dashboard shows {needed}");
     }
-    assert!(exprs.iter().any(|e| e.contains(r#"class="5xx""#)), "5xx rate");
+    assert!(
+        exprs.iter().any(|e| e.contains(r#"class="5xx""#)),
+        "5xx rate"
+    );
     for by in ["route", "backend"] {
         for q in ["0.5", "0.95", "0.99"] {
             let wanted = format!("histogram_quantile({q}, sum by ({by}, le)");
@@ -801,7 +840,11 @@ fn the_dashboard_uses_only_documented_metrics() {
     assert_eq!(ids.len(), panels.len(), "unique panel ids");
     for p in panels {
         let g = &p["gridPos"];
-        assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24, "{}", p["title"]);
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{}",
+            p["title"]
+        );
         for t in p["targets"].as_array().into_iter().flatten() {
             assert!(!metric_names(t["expr"].as_str().unwrap()).is_empty());
             assert_eq!(t["datasource"]["uid"], "${datasource}");
@@ -821,7 +864,12 @@ fn permission(method: &str, uri: &str) -> (Permission, Option<String>) {
     let rest = match parts.as_slice() {
         ["api", _version, rest @ ..] => ("", rest),
         ["apis", group, _version, rest @ ..] => (*group, rest),
-        _ => return (("nonResourceURL".into(), path.into(), method.to_lowercase()), None),
+        _ => {
+            return (
+                ("nonResourceURL".into(), path.into(), method.to_lowercase()),
+                None,
+            )
+        }
     };
     let (group, rest) = rest;
     let (namespace, rest) = match rest {
@@ -931,7 +979,13 @@ async fn rbac_grants_exactly_the_calls_strait_makes() {
     front["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.10"}]}});
     api.apply(front);
     let web = [k8s::Path("/", "Prefix", "web", "80")];
-    api.apply(k8s::ingress("apps", "ours", Some("strait"), "ours.test", &web));
+    api.apply(k8s::ingress(
+        "apps",
+        "ours",
+        Some("strait"),
+        "ours.test",
+        &web,
+    ));
     let broken = [k8s::Path("/", "Prefix", "missing", "80")];
     api.apply(k8s::ingress(
         "apps",
@@ -948,10 +1002,14 @@ async fn rbac_grants_exactly_the_calls_strait_makes() {
             .unwrap_or("")
             .to_owned()
     };
-    eventually(WAIT, "the served Ingress gets the Service's address", || {
-        let ok = status_ip(&api) == "203.0.113.10";
-        async move { ok }
-    })
+    eventually(
+        WAIT,
+        "the served Ingress gets the Service's address",
+        || {
+            let ok = status_ip(&api) == "203.0.113.10";
+            async move { ok }
+        },
+    )
     .await;
     eventually(WAIT, "an Event on the broken Ingress", || {
         let ok = api
@@ -961,11 +1019,21 @@ async fn rbac_grants_exactly_the_calls_strait_makes() {
         async move { ok }
     })
     .await;
-    api.apply(k8s::ingress("apps", "ours", Some("other"), "ours.test", &web));
-    eventually(WAIT, "the status of an Ingress no longer served is cleared", || {
-        let ok = status_ip(&api).is_empty();
-        async move { ok }
-    })
+    api.apply(k8s::ingress(
+        "apps",
+        "ours",
+        Some("other"),
+        "ours.test",
+        &web,
+    ));
+    eventually(
+        WAIT,
+        "the status of an Ingress no longer served is cleared",
+        || {
+            let ok = status_ip(&api).is_empty();
+            async move { ok }
+        },
+    )
     .await;
     // A renewal (every 5 s) is the Lease update. The release at shutdown is one too, but
     // the process may exit before it is sent, so it is not waited for.
@@ -1110,14 +1178,16 @@ fn the_minikube_guide_names_objects_the_manifests_create() {
         }
         let service = objects
             .iter()
-            .find(|o| o["kind"] == "Service" && o["metadata"] == json!({"name": svc, "namespace": ns}))
+            .find(|o| {
+                o["kind"] == "Service" && o["metadata"] == json!({"name": svc, "namespace": ns})
+            })
             .unwrap_or_else(|| panic!("backend {backend}: no Service {ns}/{svc}"));
         assert!(
             service["spec"]["ports"]
                 .as_array()
                 .unwrap()
                 .iter()
-                .any(|p| p["port"].to_string() == port),
+                .any(|p| p["port"].as_u64() == port.parse().ok()),
             "backend {backend}: no port {port}"
         );
     }
