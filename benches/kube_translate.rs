@@ -123,6 +123,7 @@ fn main() {
             namespaces: Vec::new(),
             http_addr: "127.0.0.1:0".into(),
             service_addr: None,
+            ingresses: true,
             publish: PublishSource::None,
             debounce: Duration::from_millis(20),
             max_delay: Duration::from_secs(1),
