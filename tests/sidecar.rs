@@ -1,0 +1,247 @@
+//! `strait sidecar`, end to end: the binary next to an application on 127.0.0.1 (inbound),
+//! and routing the application's requests by Service name to pods in network namespaces
+//! (outbound), against the Kubernetes API stand-in.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::k8s::{self, READY};
+use support::kube_api::KubeApi;
+use support::netns::Pod;
+use support::{client, eventually, get_host, tempdir, Binary, Upstream};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+async fn wait_ready(strait: &Binary) {
+    let c = client();
+    let url = strait.admin_url("/ready");
+    eventually(WAIT, "the sidecar is ready", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { support::get(&c, &url).await.status == 200 }
+    })
+    .await;
+}
+
+async fn metrics(strait: &Binary) -> String {
+    support::get(&client(), &strait.admin_url("/metrics"))
+        .await
+        .body
+}
+
+/// The stand-in with a namespace `apps`; no IngressClass, which a sidecar never reads.
+async fn cluster() -> (KubeApi, tempdir::Dir) {
+    let api = KubeApi::start().await;
+    api.apply(k8s::namespace("apps"));
+    (api, tempdir::Dir::new("sidecar"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_forwards_to_the_app_on_loopback_with_metrics_access_log_and_rate_limit() {
+    let (api, dir) = cluster().await;
+    let app = Upstream::start("the-app").await;
+    let port = app.addr.port().to_string();
+    let strait = k8s::sidecar(
+        &api,
+        &dir,
+        "apps",
+        &[
+            "--app-port",
+            &port,
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+            "--rate-limit",
+            "5",
+        ],
+    )
+    .await;
+    wait_ready(&strait).await;
+    let inbound = format!("http://{}/hello", strait.listener("sidecar-inbound"));
+
+    // Any host, any path: the app gets them all.
+    let c = client();
+    let r = get_host(&c, &inbound, "whatever.example").await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "the-app"));
+    assert_eq!(r.header("x-seen-path"), "/hello");
+    assert_eq!(app.hits(), 1);
+
+    // The rate limit: 5 a second, 5 at once; a burst of 20 is cut.
+    let mut statuses: HashMap<u16, usize> = HashMap::new();
+    for _ in 0..20 {
+        let r = get_host(&c, &inbound, "a").await;
+        *statuses.entry(r.status.as_u16()).or_insert(0) += 1;
+    }
+    let limited = statuses.get(&429).copied().unwrap_or(0);
+    assert!(limited >= 10, "most of the burst is refused: {statuses:?}");
+    assert!(
+        app.hits() <= 1 + 20 - limited,
+        "refused requests never reach the app"
+    );
+
+    let m = metrics(&strait).await;
+    assert!(
+        m.lines().any(|l| l.starts_with("strait_requests_total{")
+            && l.contains("listener=\"sidecar-inbound\"")
+            && l.contains("backend=\"app\"")),
+        "{m}"
+    );
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("strait_rate_limited_total{") && l.contains("sidecar-inbound")),
+        "{m}"
+    );
+    let upstream = app.addr.to_string();
+    eventually(WAIT, "an access log line for the inbound request", || {
+        let logged = strait.log.lock().unwrap().iter().any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["target"] == "strait::access"
+                && v["listener"] == "sidecar-inbound"
+                && v["path"] == "/hello"
+                && v["upstream"] == upstream.as_str()
+        });
+        async move { logged }
+    })
+    .await;
+
+    // A sidecar reads Services and EndpointSlices only: no Ingresses, Secrets, Leases or
+    // Events, which its RBAC does not allow.
+    for (method, path, _) in api.requests() {
+        assert!(
+            path.contains("/services") || path.contains("/endpointslices"),
+            "unexpected API request {method} {path}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_routes_by_service_name_per_request_with_retries() {
+    let (api, dir) = cluster().await;
+    let pods: Vec<Pod> = (0..3).map(|_| Pod::create()).collect();
+    let ups: Vec<Upstream> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.upstream_on(&format!("web-{i}"), 8080))
+        .collect();
+    api.apply(k8s::service("apps", "web", &[("http", 80, "8080")]));
+    let endpoints: Vec<_> = pods.iter().map(|p| (p.ip(), READY)).collect();
+    api.apply(k8s::slice(
+        "apps",
+        "web-a",
+        "web",
+        &[("http", 8080)],
+        &endpoints,
+    ));
+    let strait = k8s::sidecar(
+        &api,
+        &dir,
+        "apps",
+        &[
+            "--app-port",
+            "1",
+            "--inbound-addr",
+            "127.0.0.1:0",
+            "--outbound-addr",
+            "127.0.0.1:0",
+        ],
+    )
+    .await;
+    wait_ready(&strait).await;
+    let outbound = format!("http://{}/", strait.listener("kubernetes-services"));
+
+    // One keep-alive connection, as an application's HTTP client keeps; each request is
+    // balanced on its own.
+    let c = client();
+    for host in [
+        "web",
+        "web.apps",
+        "web.apps.svc.cluster.local",
+        "web.apps:80",
+    ] {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for _ in 0..30 {
+            let r = get_host(&c, &outbound, host).await;
+            assert_eq!(r.status, 200, "{host}: {}", r.body);
+            *seen.entry(r.body).or_insert(0) += 1;
+        }
+        assert_eq!(seen.len(), 3, "{host}: every pod answers: {seen:?}");
+        assert!(seen.values().all(|&n| n == 10), "{host}: {seen:?}");
+    }
+    assert_eq!(
+        get_host(&c, &outbound, "nope.apps").await.status,
+        404,
+        "an unknown Service has no route"
+    );
+
+    // A pod answering 503 (shutting down, say): its requests are retried on another pod,
+    // so the application never sees the failure.
+    ups[1].behaviour.fail_with(503);
+    for _ in 0..12 {
+        let r = get_host(&c, &outbound, "web").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_ne!(r.body, "web-1");
+    }
+    let m = metrics(&strait).await;
+    let retries = m
+        .lines()
+        .find(|l| l.starts_with("strait_retries_total{backend=\"apps/web:80@services\"}"))
+        .unwrap_or_else(|| panic!("retries counted: {m}"));
+    let n: f64 = retries.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n >= 1.0, "{retries}");
+}
+
+#[tokio::test]
+async fn print_config_writes_a_file_that_validates() {
+    let dir = tempdir::Dir::new("sidecar-print");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "sidecar",
+            "--app-port",
+            "8080",
+            "--rate-limit",
+            "100",
+            "--watch-namespace",
+            "shop",
+            "--print-config",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let spec: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(spec["listeners"][0]["address"], "0.0.0.0:15006");
+    assert_eq!(spec["backends"][0]["endpoints"][0], "127.0.0.1:8080");
+    assert_eq!(
+        spec["listeners"][0]["default_route"]["rate_limit"]["requests"],
+        100
+    );
+    assert_eq!(spec["kubernetes"]["service_addr"], "127.0.0.1:15001");
+    assert_eq!(spec["kubernetes"]["ingresses"], false);
+    assert_eq!(spec["kubernetes"]["watch_namespaces"][0], "shop");
+    assert_eq!(spec["admin"]["address"], "127.0.0.1:9901");
+
+    let file = dir.write("sidecar.yaml", &text);
+    let validated = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .arg("validate")
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(validated.status.success(), "{validated:?}");
+    assert!(
+        String::from_utf8_lossy(&validated.stdout).contains("ok (1 listeners, 1 backends)"),
+        "{validated:?}"
+    );
+
+    // The sidecar refuses a configuration file: the preset is the whole configuration.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(["sidecar", "--app-port", "8080", "--config"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+}
