@@ -245,3 +245,58 @@ async fn print_config_writes_a_file_that_validates() {
         .unwrap();
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
 }
+
+#[tokio::test]
+async fn the_sidecar_example_runs_the_preset_it_documents() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("deploy/examples/sidecar/frontend.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .collect();
+    let kind = |k: &str| docs.iter().find(|d| d["kind"] == k).unwrap();
+    let pod = &kind("Deployment")["spec"]["template"]["spec"];
+    let strait = &pod["initContainers"][0];
+    assert_eq!(strait["restartPolicy"], "Always", "a native sidecar");
+    let args: Vec<&str> = strait["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args(&args)
+        .arg("--print-config")
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    let spec: serde_json::Value =
+        serde_yaml_ng::from_str(&String::from_utf8_lossy(&out.stdout)).unwrap();
+    let inbound = spec["listeners"][0]["address"].as_str().unwrap();
+    let outbound = spec["kubernetes"]["service_addr"].as_str().unwrap();
+    let app = spec["backends"][0]["endpoints"][0].as_str().unwrap();
+
+    // The Service targets the inbound port, by the name of the sidecar's container port.
+    let target = kind("Service")["spec"]["ports"][0]["targetPort"]
+        .as_str()
+        .unwrap();
+    let port = strait["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == target)
+        .unwrap()["containerPort"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(inbound, format!("0.0.0.0:{port}"));
+    // The application listens where the sidecar forwards, and calls out through it.
+    let conf = kind("ConfigMap")["data"]["default.conf"].as_str().unwrap();
+    assert!(conf.contains(&format!("listen {app};")), "{conf}");
+    assert!(
+        conf.contains(&format!("proxy_pass http://{outbound}/;")),
+        "{conf}"
+    );
+    assert!(conf.contains("proxy_set_header Host backend;"), "{conf}");
+    assert_eq!(spec["kubernetes"]["watch_namespaces"][0], "sidecar-demo");
+}
