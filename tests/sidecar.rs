@@ -183,6 +183,31 @@ async fn outbound_routes_by_service_name_per_request_with_retries() {
         assert_eq!(r.status, 200, "{}", r.body);
         assert_ne!(r.body, "web-1");
     }
+    ups[1].behaviour.recover();
+
+    // A Service annotated with strait.io/tcp-port is reachable on the outbound IP.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let tcp_port = free.local_addr().unwrap().port();
+    drop(free);
+    let mut db = k8s::service("apps", "web", &[("http", 80, "8080")]);
+    db["metadata"]["annotations"] = serde_json::json!({"strait.io/tcp-port": tcp_port.to_string()});
+    api.apply(db);
+    let relayed = format!("http://127.0.0.1:{tcp_port}/");
+    eventually(WAIT, "the TCP port on the loopback relays to a pod", || {
+        let (c, url) = (client(), relayed.clone());
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), c.get(url.parse().unwrap())).await {
+                Ok(Ok(r)) => r.status() == 200,
+                _ => false,
+            }
+        }
+    })
+    .await;
+    assert!(
+        strait.logged(&format!("\"address\":\"127.0.0.1:{tcp_port}\"")),
+        "bound on the loopback, beside the outbound listener"
+    );
+
     let m = metrics(&strait).await;
     let retries = m
         .lines()
@@ -234,6 +259,38 @@ async fn print_config_writes_a_file_that_validates() {
     assert!(
         String::from_utf8_lossy(&validated.stdout).contains("ok (1 listeners, 1 backends)"),
         "{validated:?}"
+    );
+
+    // docs/sidecar.md shows the same configuration with its defaults left out.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .args([
+            "sidecar",
+            "--app-port",
+            "8080",
+            "--rate-limit",
+            "100",
+            "--print-config",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let printed =
+        strait_control::source::file::parse(&file, &String::from_utf8_lossy(&out.stdout)).unwrap();
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/sidecar.md"),
+    )
+    .unwrap();
+    let block = doc
+        .split("```yaml\n")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let documented = strait_control::source::file::parse(&file, block).unwrap();
+    assert_eq!(
+        documented, printed,
+        "docs/sidecar.md matches --print-config"
     );
 
     // The sidecar refuses a configuration file: the preset is the whole configuration.
