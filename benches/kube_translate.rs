@@ -124,6 +124,7 @@ fn main() {
             http_addr: "127.0.0.1:0".into(),
             https_addr: None,
             service_addr: None,
+            ingresses: true,
             publish: PublishSource::None,
             debounce: Duration::from_millis(20),
             max_delay: Duration::from_secs(1),

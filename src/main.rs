@@ -1,5 +1,7 @@
 //! The `strait` binary: command line, logging, signals, and wiring a source to the proxy.
 
+mod sidecar;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -48,20 +50,20 @@ struct Cli {
 
     /// Admin listener address for /live, /ready, /metrics, /config [default: admin.address
     /// from the config, else 127.0.0.1:9901].
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(long, value_name = "IP:PORT", global = true)]
     admin_addr: Option<SocketAddr>,
 
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
     log_format: LogFormat,
 
     /// Log level or filter (e.g. `info`, `debug`, `strait::access=off,info`); RUST_LOG wins
     /// when set.
-    #[arg(long, default_value = "info", value_name = "FILTER")]
+    #[arg(long, default_value = "info", value_name = "FILTER", global = true)]
     log_level: String,
 
     /// Worker threads for the proxy [default: one per CPU core].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", global = true)]
     worker_threads: Option<usize>,
 
     #[command(flatten)]
@@ -124,6 +126,8 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Run as a sidecar next to one application (docs/sidecar.md).
+    Sidecar(sidecar::SidecarArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -139,9 +143,19 @@ fn main() -> ExitCode {
     if let Some(Command::Validate { file }) = &cli.command {
         return validate(file);
     }
+    let preset = match &cli.command {
+        Some(Command::Sidecar(args)) => {
+            match sidecar::preset(args, cli.admin_addr, cli.config.as_ref()) {
+                Ok(loaded) => Some(loaded),
+                Err(code) => return code,
+            }
+        }
+        _ => None,
+    };
     let _log_guard = init_logging(cli.log_format, &cli.log_level);
     // Validate before anything is bound, so a bad file fails fast with a distinct code.
     let loaded = match &cli.config {
+        _ if preset.is_some() => preset,
         Some(path) => match file::load(path) {
             Ok(l) => Some(l),
             Err(e) => {
@@ -315,6 +329,15 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
         .service_addr
         .map(|a| a.to_string())
         .or(file.service_addr.clone());
+    // Without the Ingress listener, TCP services open beside the Service listener (a
+    // sidecar's loopback).
+    let tcp_from = match (&service_addr, file.ingresses) {
+        (Some(s), false) => s,
+        _ => &http_addr,
+    };
+    let tcp_ip = tcp_from
+        .parse::<SocketAddr>()
+        .map_or_else(|_| "0.0.0.0".into(), |a| a.ip().to_string());
     Ok(kubernetes::Options {
         translate: TranslateOptions {
             ingress_class: args.ingress_class.clone().unwrap_or(file.ingress_class),
@@ -323,12 +346,12 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
             service_routing: service_addr.is_some().then(|| ServiceRouting {
                 namespace: pod_namespace(),
                 cluster_domain: file.cluster_domain.clone(),
+                defaults: file.service_defaults.clone(),
             }),
-            tcp_ip: http_addr
-                .parse::<SocketAddr>()
-                .map_or_else(|_| "0.0.0.0".into(), |a| a.ip().to_string()),
+            tcp_ip,
         },
         service_addr,
+        ingresses: file.ingresses,
         namespaces,
         http_addr,
         https_addr: Some(args.https_addr.map_or(file.https_addr, |a| a.to_string())),

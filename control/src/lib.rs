@@ -9,4 +9,5 @@ pub mod kubernetes;
 pub mod locate;
 pub mod publisher;
 pub mod reload;
+pub mod sidecar;
 pub mod source;

@@ -176,3 +176,33 @@ pub async fn controller(api: &KubeApi, dir: &tempdir::Dir, extra: &[&str]) -> Bi
     )
     .await
 }
+
+/// `strait sidecar` with these flags against the stand-in, in namespace `namespace` (its
+/// bare Service names resolve there).
+pub async fn sidecar(api: &KubeApi, dir: &tempdir::Dir, namespace: &str, flags: &[&str]) -> Binary {
+    let kubeconfig = api.kubeconfig(dir.path());
+    let mut args: Vec<&OsStr> = vec![OsStr::new("sidecar")];
+    args.extend(flags.iter().map(OsStr::new));
+    Binary::start_with(
+        &args,
+        &[
+            ("KUBECONFIG", kubeconfig.as_os_str()),
+            ("POD_NAME", OsStr::new("app-0")),
+            ("POD_NAMESPACE", OsStr::new(namespace)),
+            ("KUBERNETES_SERVICE_HOST", OsStr::new("")),
+            ("KUBERNETES_SERVICE_PORT", OsStr::new("")),
+        ],
+    )
+    .await
+}
+
+impl Binary {
+    /// The address of listener `name`.
+    pub fn listener(&self, name: &str) -> std::net::SocketAddr {
+        self.listeners
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("listener {name}: {:?}", self.listeners))
+            .1
+    }
+}

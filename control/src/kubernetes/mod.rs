@@ -74,6 +74,9 @@ pub struct Options {
     pub https_addr: Option<String>,
     /// Address of the listener that routes by Service name, if enabled.
     pub service_addr: Option<String>,
+    /// Serve Ingresses (their watches, the HTTP listener, status and leader election);
+    /// without, only Services and EndpointSlices are watched, as a sidecar needs.
+    pub ingresses: bool,
     /// Where the address written into Ingress status comes from.
     pub publish: PublishSource,
     /// Quiet time after a change before the table is rebuilt, so a burst (a rollout, a
@@ -100,8 +103,10 @@ pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
         routes_from: None,
         tls: None,
     };
-    spec.listeners
-        .push(listener(HTTP_LISTENER, &options.http_addr));
+    if options.ingresses {
+        spec.listeners
+            .push(listener(HTTP_LISTENER, &options.http_addr));
+    }
     if let Some(addr) = &options.service_addr {
         spec.listeners.push(listener(SERVICE_LISTENER, addr));
     }
@@ -116,7 +121,7 @@ pub async fn run(
     base: Spec,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let (ids, mut updates) = watch::start(&client, &options.namespaces);
+    let (ids, mut updates) = watch::start(&client, &options.namespaces, options.ingresses);
     let (stop_tx, stop_rx) = tokio_watch::channel(false);
     let stopped = move || {
         let mut rx = stop_rx.clone();
@@ -124,23 +129,29 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let leader = leader::LeaderElection::new(
-        client.clone(),
-        options.lease_namespace.clone(),
-        format!("strait-{}", options.translate.ingress_class),
-        options.identity.clone(),
-    )
-    .spawn(stopped());
     let (served_tx, served_rx) = tokio_watch::channel(Arc::new(Served::default()));
-    tokio::spawn(
-        StatusWriter::new(client.clone(), options.publish.clone()).run(
-            leader,
-            served_rx,
-            stopped(),
-        ),
-    );
-    let events = EventSink::start(client, options.identity.clone());
-    let mut controller = Controller::new(options, publisher, base, Some(events), served_tx);
+    // Leases, status and Events all concern Ingresses: without them, none of those API
+    // calls is made (nor allowed by a sidecar's RBAC).
+    let events = if options.ingresses {
+        let leader = leader::LeaderElection::new(
+            client.clone(),
+            options.lease_namespace.clone(),
+            format!("strait-{}", options.translate.ingress_class),
+            options.identity.clone(),
+        )
+        .spawn(stopped());
+        tokio::spawn(
+            StatusWriter::new(client.clone(), options.publish.clone()).run(
+                leader,
+                served_rx,
+                stopped(),
+            ),
+        );
+        Some(EventSink::start(client, options.identity.clone()))
+    } else {
+        None
+    };
+    let mut controller = Controller::new(options, publisher, base, events, served_tx);
     let mut pending: HashSet<WatchId> = ids.into_iter().collect();
     let mut dirty: Option<(Instant, Instant)> = None;
     tokio::pin!(shutdown);

@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use strait_proxy::table::spec::{
     BackendSpec, CertificateSpec, EndpointSpec, ListenerProtocol, ListenerSpec, MatchSpec,
-    OutlierSpec, Policy, RedirectSpec, RouteSpec, TcpForwardSpec, UpstreamProtocol,
+    OutlierSpec, Policy, RedirectSpec, RouteSpec, ServiceDefaultsSpec, TcpForwardSpec,
+    UpstreamProtocol,
 };
 
 use super::annotations::{self, IngressSettings};
@@ -67,6 +68,8 @@ pub struct ServiceRouting {
     pub namespace: String,
     /// The cluster's DNS domain.
     pub cluster_domain: String,
+    /// Settings of every route and backend made here.
+    pub defaults: ServiceDefaultsSpec,
 }
 
 /// Why an Ingress (or part of it) is not served.
@@ -631,9 +634,20 @@ pub fn service_routes(
                 number: Some(p.port),
             }),
         };
-        let Ok((backend, source)) = service_backend(cluster, &key.namespace, &wanted) else {
+        let Ok((mut backend, source)) = service_backend(cluster, &key.namespace, &wanted) else {
             continue;
         };
+        let defaults = &options.defaults;
+        if defaults.has_backend_settings() {
+            // Apart from the Ingress backend of the same Service, which keeps its own.
+            backend.name = format!("{}@services", backend.name);
+            if let Some(cb) = &defaults.circuit_breaker {
+                backend.circuit_breaker = cb.clone();
+            }
+            if let Some(o) = &defaults.outlier_detection {
+                backend.outlier_detection = Some(o.clone());
+            }
+        }
         let name = backend.name.clone();
         if let Some(s) = source {
             sources.insert(name.clone(), s);
@@ -644,18 +658,18 @@ pub fn service_routes(
             port,
             ..MatchSpec::default()
         };
-        let port = u16::try_from(p.port).ok();
-        routes.push(RouteSpec::forward(
+        let route = |route_name: String, port| {
+            let mut r = RouteSpec::forward(route_name, matches(port), &name);
+            r.timeout = defaults.timeout;
+            r.retry.clone_from(&defaults.retry);
+            r
+        };
+        routes.push(route(
             format!("service/{key}:{}", p.port),
-            matches(port),
-            &name,
+            u16::try_from(p.port).ok(),
         ));
         if default_port == Some(p.port) {
-            routes.push(RouteSpec::forward(
-                format!("service/{key}"),
-                matches(None),
-                name,
-            ));
+            routes.push(route(format!("service/{key}"), None));
         }
     }
 }

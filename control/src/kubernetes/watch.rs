@@ -47,19 +47,26 @@ pub struct WatchId {
 }
 
 /// Starts every watch and returns their ids (each reports one [`Update::Listed`] when its
-/// first list completes) and the channel they all send to.
-pub fn start(client: &Client, namespaces: &[String]) -> (Vec<WatchId>, mpsc::Receiver<Update>) {
+/// first list completes) and the channel they all send to. Without `ingresses`, only
+/// Services and EndpointSlices are watched.
+pub fn start(
+    client: &Client,
+    namespaces: &[String],
+    ingresses: bool,
+) -> (Vec<WatchId>, mpsc::Receiver<Update>) {
     let (tx, rx) = mpsc::channel(1024);
     let mut ids = Vec::new();
-    spawn::<IngressClass>(
-        Api::all(client.clone()),
-        watcher::Config::default(),
-        Kind::IngressClass,
-        None,
-        |o| Object::IngressClass(Arc::new(o)),
-        &tx,
-        &mut ids,
-    );
+    if ingresses {
+        spawn::<IngressClass>(
+            Api::all(client.clone()),
+            watcher::Config::default(),
+            Kind::IngressClass,
+            None,
+            |o| Object::IngressClass(Arc::new(o)),
+            &tx,
+            &mut ids,
+        );
+    }
     let scopes: Vec<Option<&str>> = if namespaces.is_empty() {
         vec![None]
     } else {
@@ -68,15 +75,17 @@ pub fn start(client: &Client, namespaces: &[String]) -> (Vec<WatchId>, mpsc::Rec
     for ns in scopes {
         let namespace = ns.map(str::to_owned);
         let c = client;
-        spawn::<Ingress>(
-            scoped(c, ns),
-            watcher::Config::default(),
-            Kind::Ingress,
-            namespace.clone(),
-            |o| Object::Ingress(Arc::new(o)),
-            &tx,
-            &mut ids,
-        );
+        if ingresses {
+            spawn::<Ingress>(
+                scoped(c, ns),
+                watcher::Config::default(),
+                Kind::Ingress,
+                namespace.clone(),
+                |o| Object::Ingress(Arc::new(o)),
+                &tx,
+                &mut ids,
+            );
+        }
         spawn::<Service>(
             scoped(c, ns),
             watcher::Config::default(),
@@ -96,16 +105,18 @@ pub fn start(client: &Client, namespaces: &[String]) -> (Vec<WatchId>, mpsc::Rec
             &tx,
             &mut ids,
         );
-        spawn::<Secret>(
-            scoped(c, ns),
-            // TLS Secrets only: Strait has no business reading any other Secret.
-            watcher::Config::default().fields("type=kubernetes.io/tls"),
-            Kind::Secret,
-            namespace,
-            |o| Object::Secret(Arc::new(o)),
-            &tx,
-            &mut ids,
-        );
+        if ingresses {
+            spawn::<Secret>(
+                scoped(c, ns),
+                // TLS Secrets only: Strait has no business reading any other Secret.
+                watcher::Config::default().fields("type=kubernetes.io/tls"),
+                Kind::Secret,
+                namespace,
+                |o| Object::Secret(Arc::new(o)),
+                &tx,
+                &mut ids,
+            );
+        }
     }
     (ids, rx)
 }

@@ -18,8 +18,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use super::spec::{
     BackendSpec, DirectResponseSpec, DnsSpec, EndpointSpec, ForwardSpec, HashKeySpec,
     HeaderOpsSpec, ListenerProtocol, ListenerSpec, MatchSpec, Policy, RateLimitKeySpec,
-    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, SniRouteSpec, Spec,
-    UpstreamProtocol,
+    RateLimitSource, RateLimitSpec, RedirectSpec, RetrySpec, RouteSpec, ServiceDefaultsSpec,
+    SniRouteSpec, Spec, UpstreamProtocol,
 };
 use super::{
     Action, Backend, DirectResponse, Endpoint, Forward, HashKey, HeaderOps, ListenerTable,
@@ -170,6 +170,9 @@ pub fn compile(
             "listeners",
             "at least one listener is required (or kubernetes.enabled: true)",
         );
+    }
+    if let Some(k) = &spec.kubernetes {
+        check_service_defaults(&mut cx, &k.service_defaults);
     }
     if spec.admin.address.parse::<SocketAddr>().is_err() {
         cx.err(
@@ -469,6 +472,19 @@ fn compile_upstream_tls(
 }
 
 /// Circuit breaker, outlier detection and health check settings of a backend.
+/// The Kubernetes source copies these onto routes and backends it builds at run time: they
+/// are checked here, so a mistake is a file error rather than every table being rejected.
+fn check_service_defaults(cx: &mut Ctx<'_>, d: &ServiceDefaultsSpec) {
+    let path = "kubernetes.service_defaults";
+    if let Some(r) = &d.retry {
+        compile_retry(cx, &format!("{path}.retry"), r);
+    }
+    let mut b = BackendSpec::new("", Vec::new());
+    b.circuit_breaker = d.circuit_breaker.clone().unwrap_or_default();
+    b.outlier_detection = d.outlier_detection.clone();
+    check_resilience(cx, path, &b);
+}
+
 fn check_resilience(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) {
     let cb = &b.circuit_breaker;
     for (field, v) in [

@@ -68,6 +68,44 @@ pub struct KubernetesSpec {
     /// Quiet time after a change before the table is rebuilt.
     #[serde(with = "duration")]
     pub debounce: Duration,
+    /// Serve Ingresses: watch IngressClasses, Ingresses and TLS Secrets, bind `http_addr`,
+    /// elect a leader and write Ingress status. Off for a sidecar, which only routes by
+    /// Service name and needs no more than Services and EndpointSlices.
+    pub ingresses: bool,
+    /// Settings of every route and backend made for routing by Service name.
+    #[serde(skip_serializing_if = "ServiceDefaultsSpec::is_empty")]
+    pub service_defaults: ServiceDefaultsSpec,
+}
+
+/// What the routes and backends of the Service-name listener get, since no Ingress
+/// annotation can say it for them. Unset fields keep the defaults of the static schema.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceDefaultsSpec {
+    /// Route timeout until the response headers.
+    #[serde(with = "opt_duration", skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+    /// Retries of every route.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetrySpec>,
+    /// Circuit breaker of every backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerSpec>,
+    /// Outlier detection of every backend.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierSpec>,
+}
+
+impl ServiceDefaultsSpec {
+    /// Nothing set.
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    /// Whether backends change, which gives Service routes backends of their own.
+    pub fn has_backend_settings(&self) -> bool {
+        self.circuit_breaker.is_some() || self.outlier_detection.is_some()
+    }
 }
 
 impl Default for KubernetesSpec {
@@ -83,6 +121,8 @@ impl Default for KubernetesSpec {
             publish_service: None,
             publish_address: Vec::new(),
             debounce: Duration::from_millis(100),
+            ingresses: true,
+            service_defaults: ServiceDefaultsSpec::default(),
         }
     }
 }
