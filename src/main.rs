@@ -389,6 +389,9 @@ fn pod_namespace() -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// Longest the exit waits for the Kubernetes source to release its Lease after the drain.
+const LEASE_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 async fn run(cli: Cli, mode: Mode) -> ExitCode {
     let prometheus = install_metrics();
     let handle = TableHandle::default();
@@ -404,6 +407,7 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
 
     // The source starts before anything serves, so no change is missed; listeners serve
     // once a table is in force.
+    let mut source = None;
     let spec = match mode {
         Mode::File(loaded) => {
             let source = loaded.path.display().to_string();
@@ -440,13 +444,13 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            tokio::spawn(kubernetes::run(
+            source = Some(tokio::spawn(kubernetes::run(
                 client,
                 *options,
                 publisher,
                 spec.clone(),
                 stopped(),
-            ));
+            )));
             spec
         }
     };
@@ -534,6 +538,16 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections");
     } else {
         tracing::info!("drained; exiting");
+    }
+    // The Kubernetes source releases its Lease as it stops (it started stopping with the
+    // drain); bounded, so an unreachable API server cannot hold the exit.
+    if let Some(task) = source {
+        if tokio::time::timeout(LEASE_RELEASE_WAIT, task)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the Kubernetes source did not stop in time; exiting anyway");
+        }
     }
     ExitCode::SUCCESS
 }

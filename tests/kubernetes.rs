@@ -713,6 +713,21 @@ async fn served_ingresses_get_the_published_address_in_their_status() {
         .get("leases", "default", "strait-strait")
         .expect("a Lease");
     assert_eq!(lease["spec"]["holderIdentity"], "strait-test-0");
+
+    // SIGTERM: the process releases the Lease before it exits, so another replica takes over
+    // at once rather than after the lease duration.
+    let mut strait = strait;
+    strait.signal("TERM");
+    let status = tokio::time::timeout(WAIT, strait.child.wait())
+        .await
+        .expect("strait exits after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let lease = api.get("leases", "default", "strait-strait").unwrap();
+    assert!(
+        lease["spec"]["holderIdentity"].is_null(),
+        "released before exit: {lease}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -113,7 +113,8 @@ pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
     spec
 }
 
-/// Runs the source until `shutdown`: watches, translates and publishes.
+/// Runs the source until `shutdown`: watches, translates and publishes. Returns once the
+/// leader-election Lease, if held, is released.
 pub async fn run(
     client: kube::Client,
     options: Options,
@@ -132,6 +133,8 @@ pub async fn run(
     let (served_tx, served_rx) = tokio_watch::channel(Arc::new(Served::default()));
     // Leases, status and Events all concern Ingresses: without them, none of those API
     // calls is made (nor allowed by a sidecar's RBAC).
+    // Ends (`changed()` fails) once the Lease is released at shutdown.
+    let mut lease_released = None;
     let events = if options.ingresses {
         let leader = leader::LeaderElection::new(
             client.clone(),
@@ -140,6 +143,7 @@ pub async fn run(
             options.identity.clone(),
         )
         .spawn(stopped());
+        lease_released = Some(leader.clone());
         tokio::spawn(
             StatusWriter::new(client.clone(), options.publish.clone()).run(
                 leader,
@@ -187,6 +191,11 @@ pub async fn run(
         }
     }
     let _ = stop_tx.send(true);
+    // The process exits when this returns: a Lease left held would keep the other replicas
+    // waiting for it to expire. The election bounds its release by a lease duration.
+    if let Some(mut rx) = lease_released {
+        while rx.changed().await.is_ok() {}
+    }
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
