@@ -81,6 +81,12 @@ const GRPC_STATUSES: [ServingStatus; 3] = [
 async fn run(name: &str, tcp_ports: &HashMap<String, String>) -> Running {
     let docs = example(name);
     let api = KubeApi::start().await;
+    // The IngressClass is Strait's own manifest, which the examples rely on.
+    let class = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes/ingressclass.yaml"),
+    )
+    .unwrap();
+    api.apply(serde_yaml_ng::from_str(&class).unwrap());
     for kind in ["Namespace", "IngressClass", "Service", "Ingress"] {
         for d in of_kind(&docs, kind) {
             let mut d = d.clone();
