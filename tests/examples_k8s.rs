@@ -344,28 +344,7 @@ async fn mysql_tcp_example_relays_connections_round_robin_to_the_headless_servic
     let ex = run("mysql-tcp", &HashMap::from([(wanted, port.clone())])).await;
 
     // One connection each; Strait relays bytes, whatever the protocol (HTTP here).
-    let url = format!("http://127.0.0.1:{port}/");
-    let fresh = |url: String| async move {
-        let c = client();
-        match tokio::time::timeout(Duration::from_secs(2), c.get(url.parse().unwrap())).await {
-            Ok(Ok(resp)) => {
-                use http_body_util::BodyExt;
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                Some(String::from_utf8_lossy(&body).into_owned())
-            }
-            _ => None,
-        }
-    };
-    eventually(WAIT, "the TCP port relays", || {
-        let f = fresh(url.clone());
-        async move { f.await.is_some() }
-    })
-    .await;
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for _ in 0..10 {
-        let body = fresh(url.clone()).await.expect("relayed");
-        *seen.entry(body).or_insert(0) += 1;
-    }
+    let seen = support::bodies_over_fresh_connections(port.parse().unwrap(), 10).await;
     evenly(&seen, &["mysql-0", "mysql-1"], 5);
 
     let seen = ex.spread("webserver.example", 4).await;

@@ -819,29 +819,7 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
     wait_ready(&strait).await;
 
     // Each new connection is relayed byte for byte to one pod (HTTP here, any protocol there).
-    let url = format!("http://127.0.0.1:{port}/");
-    let fresh = |url: String| async move {
-        // A client per request: one TCP connection each.
-        match tokio::time::timeout(Duration::from_secs(2), client().get(url.parse().unwrap())).await
-        {
-            Ok(Ok(resp)) => {
-                use http_body_util::BodyExt;
-                let body = resp.into_body().collect().await.unwrap().to_bytes();
-                Some(String::from_utf8_lossy(&body).into_owned())
-            }
-            _ => None,
-        }
-    };
-    eventually(WAIT, "the TCP port relays", || {
-        let f = fresh(url.clone());
-        async move { f.await.is_some() }
-    })
-    .await;
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for _ in 0..10 {
-        let body = fresh(url.clone()).await.expect("relayed");
-        *seen.entry(body).or_insert(0) += 1;
-    }
+    let seen = support::bodies_over_fresh_connections(port, 10).await;
     assert_eq!(seen.get("db-0"), Some(&5), "{seen:?}");
     assert_eq!(seen.get("db-1"), Some(&5), "{seen:?}");
 
@@ -853,9 +831,8 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
         tokio::net::TcpStream::connect(dead).await.is_err()
     })
     .await;
-    for _ in 0..20 {
-        assert_eq!(fresh(url.clone()).await.as_deref(), Some("db-0"));
-    }
+    let after = support::bodies_over_fresh_connections(port, 20).await;
+    assert_eq!(after.get("db-0"), Some(&20), "{after:?}");
     let metrics = support::get(&client(), &strait.admin_url("/metrics"))
         .await
         .body;

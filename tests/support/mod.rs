@@ -572,3 +572,36 @@ pub async fn grpc_check(
         .await
         .map(|r| r.into_inner().status)
 }
+
+/// Sends one GET per new connection to `127.0.0.1:port` (an HTTP server behind a TCP relay),
+/// once the relay answers at all, and counts the `n` answers by body.
+pub async fn bodies_over_fresh_connections(
+    port: u16,
+    n: usize,
+) -> std::collections::HashMap<String, usize> {
+    let url = format!("http://127.0.0.1:{port}/");
+    let fresh = |url: String| async move {
+        // A client per request: one TCP connection each.
+        let answer =
+            tokio::time::timeout(Duration::from_secs(2), client().get(url.parse().unwrap()));
+        match answer.await {
+            Ok(Ok(resp)) => {
+                use http_body_util::BodyExt;
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                Some(String::from_utf8_lossy(&body).into_owned())
+            }
+            _ => None,
+        }
+    };
+    eventually(Duration::from_secs(15), "the TCP port relays", || {
+        let f = fresh(url.clone());
+        async move { f.await.is_some() }
+    })
+    .await;
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..n {
+        let body = fresh(url.clone()).await.expect("relayed");
+        *seen.entry(body).or_insert(0) += 1;
+    }
+    seen
+}
