@@ -19,6 +19,8 @@ use strait_proxy::table::TableHandle;
 use strait_proxy::tcp::serve_tcp;
 use tokio::sync::watch;
 
+mod otel;
+
 /// mimalloc rather than glibc's malloc: tables of thousands of routes are built and freed
 /// whole on every change, and glibc spends most of a rebuild consolidating and unlinking
 /// free chunks while its arenas keep the freed memory (measured in docs/performance.md).
@@ -63,6 +65,11 @@ struct Cli {
     /// Worker threads for the proxy [default: one per CPU core].
     #[arg(long, value_name = "N")]
     worker_threads: Option<usize>,
+
+    /// Export a span per sampled request to this OTLP/HTTP collector (base URL, e.g.
+    /// http://127.0.0.1:4318) [default: tracing.otlp_endpoint from the config].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 
     #[command(flatten)]
     kube: KubeArgs,
@@ -427,6 +434,24 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         }
     };
 
+    let otlp = cli
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .or(spec.tracing.otlp_endpoint.as_deref());
+    let exporter = match otlp.map(|e| otel::start(e, &spec.tracing.service_name)) {
+        None => None,
+        Some(Ok(x)) => {
+            tracing::info!(url = x.url(), "exporting spans over OTLP");
+            Some(x)
+        }
+        Some(Err(e)) => {
+            tracing::error!("{e:#}");
+            eprintln!("strait: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+
     let admin_addr = cli
         .admin_addr
         .map_or_else(|| spec.admin.address.clone(), |a| a.to_string());
@@ -510,6 +535,9 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         tracing::warn!(timeout = ?drain, "drain timeout reached; closing remaining connections");
     } else {
         tracing::info!("drained; exiting");
+    }
+    if let Some(x) = exporter {
+        x.shutdown().await;
     }
     ExitCode::SUCCESS
 }
