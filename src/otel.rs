@@ -17,11 +17,15 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use opentelemetry::trace::{SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState};
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_http::{HttpClient, HttpError};
 use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
-use opentelemetry_sdk::trace::{BatchSpanProcessor, SpanData, SpanEvents, SpanLinks, SpanProcessor};
+use opentelemetry_sdk::trace::{
+    BatchSpanProcessor, SpanData, SpanEvents, SpanLinks, SpanProcessor,
+};
 use opentelemetry_sdk::Resource;
 use strait_proxy::trace::{FinishedRequest, SpanSink};
 
@@ -92,10 +96,9 @@ impl Exporter {
     /// blocking pool, so the runtime stays free to carry the last export.
     pub async fn shutdown(self) {
         let processor = self.processor;
-        let done = tokio::task::spawn_blocking(move || {
-            processor.shutdown_with_timeout(SHUTDOWN_TIMEOUT)
-        })
-        .await;
+        let done =
+            tokio::task::spawn_blocking(move || processor.shutdown_with_timeout(SHUTDOWN_TIMEOUT))
+                .await;
         match done {
             Ok(Ok(())) => tracing::info!("spans flushed"),
             Ok(Err(e)) => tracing::warn!(error = %e, "spans not flushed at shutdown"),

@@ -76,7 +76,12 @@ impl Recorder {
     }
 
     fn last(&self) -> HeaderMap {
-        self.seen.lock().unwrap().last().cloned().expect("a request")
+        self.seen
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("a request")
     }
 }
 
@@ -169,7 +174,10 @@ fn parts(traceparent: &str) -> (String, String, String) {
     let f: Vec<&str> = traceparent.split('-').collect();
     assert_eq!(f.len(), 4, "{traceparent}");
     assert_eq!(f[0], "00");
-    assert!(f[1].len() == 32 && f[2].len() == 16 && f[3].len() == 2, "{traceparent}");
+    assert!(
+        f[1].len() == 32 && f[2].len() == 16 && f[3].len() == 2,
+        "{traceparent}"
+    );
     let lower_hex = |s: &str| s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
     assert!(f[1..].iter().all(|s| lower_hex(s)), "{traceparent}");
     assert_ne!(f[1], "0".repeat(32));
@@ -177,7 +185,12 @@ fn parts(traceparent: &str) -> (String, String, String) {
     (f[1].to_owned(), f[2].to_owned(), f[3].to_owned())
 }
 
-fn config(dir: &tempdir::Dir, backend: SocketAddr, tracing: &str, route_extra: &str) -> std::path::PathBuf {
+fn config(
+    dir: &tempdir::Dir,
+    backend: SocketAddr,
+    tracing: &str,
+    route_extra: &str,
+) -> std::path::PathBuf {
     dir.write(
         "strait.yaml",
         &format!(
@@ -211,7 +224,9 @@ async fn start(cfg: &std::path::Path, env: &[(&str, &OsStr)]) -> Binary {
 }
 
 async fn get_with(bin: &Binary, headers: &[(&str, &str)]) -> Reply {
-    let mut req = Request::get(bin.url("/")).body(Empty::<Bytes>::new()).unwrap();
+    let mut req = Request::get(bin.url("/"))
+        .body(Empty::<Bytes>::new())
+        .unwrap();
     for (k, v) in headers {
         req.headers_mut().append(
             http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
@@ -228,12 +243,19 @@ async fn client_trace_is_continued_with_strait_as_the_parent() {
     let bin = start(&config(&dir, up.addr, "", ""), &[]).await;
 
     let tp = client_traceparent();
-    let r = get_with(&bin, &[("traceparent", &tp), ("tracestate", "vendor=a1,other=b2")]).await;
+    let r = get_with(
+        &bin,
+        &[("traceparent", &tp), ("tracestate", "vendor=a1,other=b2")],
+    )
+    .await;
     assert_eq!(r.status, 200);
     let seen = up.last();
     let (trace, parent, flags) = parts(seen["traceparent"].to_str().unwrap());
     assert_eq!(trace, TRACE_ID, "the trace id is kept");
-    assert_ne!(parent, CLIENT_SPAN, "the upstream's parent is Strait's span");
+    assert_ne!(
+        parent, CLIENT_SPAN,
+        "the upstream's parent is Strait's span"
+    );
     assert_eq!(flags, "01");
     assert_eq!(seen["tracestate"], "vendor=a1,other=b2");
     assert_eq!(seen.get_all("traceparent").iter().count(), 1);
@@ -298,7 +320,12 @@ async fn an_invalid_traceparent_is_replaced_by_a_new_trace() {
 fn attrs(span: &Span) -> std::collections::HashMap<String, String> {
     span.attributes
         .iter()
-        .filter_map(|kv| Some((kv.key.clone(), string_attr(std::slice::from_ref(kv), &kv.key)?)))
+        .filter_map(|kv| {
+            Some((
+                kv.key.clone(),
+                string_attr(std::slice::from_ref(kv), &kv.key)?,
+            ))
+        })
         .collect()
 }
 
@@ -321,7 +348,11 @@ async fn each_request_is_exported_as_a_server_span() {
     let tp = client_traceparent();
     let r = get_with(
         &bin,
-        &[("traceparent", &tp), ("x-request-id", "req-export-1"), ("host", "shop.example:8080")],
+        &[
+            ("traceparent", &tp),
+            ("x-request-id", "req-export-1"),
+            ("host", "shop.example:8080"),
+        ],
     )
     .await;
     assert_eq!(r.status, 200);
@@ -329,7 +360,11 @@ async fn each_request_is_exported_as_a_server_span() {
 
     let (service, span) = collector.span_of(TRACE_ID).await;
     assert_eq!(service, "edge-proxy");
-    assert_eq!(hex(&span.span_id), upstream_parent, "the upstream's parent is this span");
+    assert_eq!(
+        hex(&span.span_id),
+        upstream_parent,
+        "the upstream's parent is this span"
+    );
     assert_eq!(hex(&span.parent_span_id), CLIENT_SPAN);
     assert_eq!(span.kind, SpanKind::Server as i32);
     assert_eq!(span.name, "HTTP GET");
@@ -345,7 +380,10 @@ async fn each_request_is_exported_as_a_server_span() {
     assert_eq!(a["server.address"], "shop.example");
     assert_eq!(a["strait.retries"], "0");
     assert_eq!(a["strait.request_id"], "req-export-1");
-    assert_ne!(span.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32));
+    assert_ne!(
+        span.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32)
+    );
 
     // A new trace is exported too, and a 5xx marks the span as an error.
     let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -381,7 +419,10 @@ async fn each_request_is_exported_as_a_server_span() {
     let span = id_of(&request_id).unwrap();
     assert!(span.parent_span_id.is_empty(), "a new trace has no parent");
     assert_eq!(attrs(&span)["http.response.status_code"], "502");
-    assert_eq!(span.status.as_ref().map(|s| s.code), Some(StatusCode::Error as i32));
+    assert_eq!(
+        span.status.as_ref().map(|s| s.code),
+        Some(StatusCode::Error as i32)
+    );
 }
 
 #[tokio::test]
@@ -419,7 +460,11 @@ async fn every_log_line_of_a_request_carries_its_request_and_trace_ids() {
     let bin = start(&config(&dir, refused, "", retry), &[]).await;
 
     let tp = client_traceparent();
-    let r = get_with(&bin, &[("traceparent", &tp), ("x-request-id", "req-logs-1")]).await;
+    let r = get_with(
+        &bin,
+        &[("traceparent", &tp), ("x-request-id", "req-logs-1")],
+    )
+    .await;
     assert_eq!(r.status, 502);
     assert_eq!(r.header("x-strait-error"), "connect-failed");
 
@@ -429,7 +474,9 @@ async fn every_log_line_of_a_request_carries_its_request_and_trace_ids() {
             .lock()
             .unwrap()
             .iter()
-            .filter(|l| l.contains("req-logs-1") || l.contains(TRACE_ID) || l.contains(&refused.to_string()))
+            .filter(|l| {
+                l.contains("req-logs-1") || l.contains(TRACE_ID) || l.contains(&refused.to_string())
+            })
             .map(|l| serde_json::from_str(l).expect("a JSON log line"))
             .collect()
     };
@@ -445,7 +492,9 @@ async fn every_log_line_of_a_request_carries_its_request_and_trace_ids() {
         .count();
     assert_eq!(retries, 2, "{lines:#?}");
     assert!(
-        lines.iter().any(|l| l["message"] == "upstream request failed" && l["level"] == "WARN"),
+        lines
+            .iter()
+            .any(|l| l["message"] == "upstream request failed" && l["level"] == "WARN"),
         "{lines:#?}"
     );
     assert!(lines.len() >= 4, "{lines:#?}");

@@ -22,11 +22,11 @@ use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
 use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
-use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
 use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
     TableHandle,
 };
+use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
 use crate::upstream::{send_http1, Upstream};
 
 /// What every request on one downstream connection shares.
@@ -553,8 +553,13 @@ fn warn_retry<B>(
             "upstream attempt failed; retrying",
         ),
         Ok(r) => tracing::warn!(
-            backend, endpoint, retry = done.retries, status = r.status().as_u16(), request_id,
-            trace_id, "upstream attempt answered a retryable status; retrying",
+            backend,
+            endpoint,
+            retry = done.retries,
+            status = r.status().as_u16(),
+            request_id,
+            trace_id,
+            "upstream attempt answered a retryable status; retrying",
         ),
     }
 }
