@@ -389,11 +389,21 @@ async fn each_request_is_exported_as_a_server_span() {
     let down = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let refused = down.local_addr().unwrap();
     drop(down);
+    // This time the endpoint comes from the flag, over a wrong one in the environment.
     let dir = tempdir::Dir::new("trace-export-502");
-    let bin = start(
-        &config(&dir, refused, "", ""),
+    let cfg = config(&dir, refused, "", "");
+    let bin = Binary::start_with(
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", OsStr::new(&url)),
+            OsStr::new("--config"),
+            cfg.as_os_str(),
+            OsStr::new("--otlp-endpoint"),
+            OsStr::new(&url),
+        ],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                OsStr::new("http://127.0.0.1:9"),
+            ),
             ("OTEL_BSP_SCHEDULE_DELAY", OsStr::new("50")),
         ],
     )
@@ -502,4 +512,23 @@ async fn every_log_line_of_a_request_carries_its_request_and_trace_ids() {
         assert_eq!(l["request_id"], "req-logs-1", "{l}");
         assert_eq!(l["trace_id"], TRACE_ID, "{l}");
     }
+}
+
+#[test]
+fn an_invalid_otlp_endpoint_stops_strait_with_a_usage_error() {
+    let dir = tempdir::Dir::new("trace-bad-endpoint");
+    let cfg = config(&dir, "127.0.0.1:9".parse().unwrap(), "", "");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .arg("--config")
+        .arg(&cfg)
+        .args([
+            "--otlp-endpoint",
+            "collector:4318",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("invalid OTLP endpoint"));
 }
