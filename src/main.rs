@@ -21,6 +21,8 @@ use strait_proxy::table::TableHandle;
 use strait_proxy::tcp::serve_tcp;
 use tokio::sync::watch;
 
+mod otel;
+
 /// mimalloc rather than glibc's malloc: tables of thousands of routes are built and freed
 /// whole on every change, and glibc spends most of a rebuild consolidating and unlinking
 /// free chunks while its arenas keep the freed memory (measured in docs/performance.md).
@@ -65,6 +67,11 @@ struct Cli {
     /// Worker threads for the proxy [default: one per CPU core].
     #[arg(long, value_name = "N", global = true)]
     worker_threads: Option<usize>,
+
+    /// Export a span per sampled request to this OTLP/HTTP collector (base URL, e.g.
+    /// http://127.0.0.1:4318) [default: tracing.otlp_endpoint from the config].
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
 
     #[command(flatten)]
     kube: KubeArgs,
@@ -455,6 +462,24 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         }
     };
 
+    let otlp = cli
+        .otlp_endpoint
+        .as_deref()
+        .filter(|e| !e.is_empty())
+        .or(spec.tracing.otlp_endpoint.as_deref());
+    let exporter = match otlp.map(|e| otel::start(e, &spec.tracing.service_name)) {
+        None => None,
+        Some(Ok(x)) => {
+            tracing::info!(url = x.url(), "exporting spans over OTLP");
+            Some(x)
+        }
+        Some(Err(e)) => {
+            tracing::error!("{e:#}");
+            eprintln!("strait: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+
     let admin_addr = cli
         .admin_addr
         .map_or_else(|| spec.admin.address.clone(), |a| a.to_string());
@@ -539,16 +564,24 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
     } else {
         tracing::info!("drained; exiting");
     }
-    // The Kubernetes source releases its Lease as it stops (it started stopping with the
-    // drain); bounded, so an unreachable API server cannot hold the exit.
-    if let Some(task) = source {
-        if tokio::time::timeout(LEASE_RELEASE_WAIT, task)
-            .await
-            .is_err()
-        {
-            tracing::warn!("the Kubernetes source did not stop in time; exiting anyway");
+    // Both bounded, and run together: the Kubernetes source releases its Lease as it stops
+    // (it started stopping with the drain), and queued spans are sent.
+    let release = async {
+        if let Some(task) = source {
+            if tokio::time::timeout(LEASE_RELEASE_WAIT, task)
+                .await
+                .is_err()
+            {
+                tracing::warn!("the Kubernetes source did not stop in time; exiting anyway");
+            }
         }
-    }
+    };
+    let flush = async {
+        if let Some(x) = exporter {
+            x.shutdown().await;
+        }
+    };
+    tokio::join!(release, flush);
     ExitCode::SUCCESS
 }
 

@@ -170,6 +170,13 @@ impl Publisher {
                      (drain_timeout applies at once)"
                 );
             }
+            let (old, new) = (&running.spec.tracing, &spec.tracing);
+            if old.otlp_endpoint != new.otlp_endpoint || old.service_name != new.service_name {
+                tracing::warn!(
+                    "tracing.otlp_endpoint and tracing.service_name changed; they apply at the \
+                     next restart (sample_ratio applies at once)"
+                );
+            }
         }
         let table = compile(
             Arc::clone(&spec),

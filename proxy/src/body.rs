@@ -116,6 +116,12 @@ pub struct Completion {
     pub upstream: Option<SocketAddr>,
     /// Request id.
     pub request_id: HeaderValue,
+    /// The request's trace and Strait's span in it.
+    pub trace: crate::trace::TraceContext,
+    /// The client's `tracestate`, kept only when a span will be exported.
+    pub tracestate: Option<HeaderValue>,
+    /// Retries made (attempts after the first).
+    pub retries: u32,
     /// Listener name.
     pub listener: Arc<str>,
     /// Metrics handles of the route and backend.
@@ -152,8 +158,36 @@ impl Drop for Completion {
                 upstream,
                 bytes = self.bytes,
                 request_id = self.request_id.to_str().unwrap_or("-"),
+                trace_id = %self.trace.trace_id(),
             );
         }
+        if self.trace.sampled() {
+            if let Some(sink) = crate::trace::span_sink() {
+                self.export(sink, elapsed);
+            }
+        }
+    }
+}
+
+impl Completion {
+    fn export(&self, sink: &dyn crate::trace::SpanSink, elapsed: std::time::Duration) {
+        let end = std::time::SystemTime::now();
+        sink.record(&crate::trace::FinishedRequest {
+            trace: &self.trace,
+            tracestate: self.tracestate.as_ref(),
+            start: end.checked_sub(elapsed).unwrap_or(end),
+            end,
+            method: &self.method,
+            host: self.host.as_ref().and_then(|h| h.to_str().ok()),
+            path: self.uri.path(),
+            status: self.status.as_u16(),
+            listener: &self.listener,
+            route: self.metrics.route(),
+            backend: self.metrics.backend(),
+            upstream: self.upstream,
+            retries: self.retries,
+            request_id: self.request_id.to_str().unwrap_or(""),
+        });
     }
 }
 

@@ -22,5 +22,6 @@ pub mod service;
 pub mod table;
 pub mod tcp;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod upstream_tls;

@@ -152,6 +152,10 @@ impl TargetMetricsRegistry {
 pub struct TargetMetrics {
     by_class: [Counter; 5],
     duration: Histogram,
+    // Kept for exported spans, which name the route and backend without the request path
+    // cloning either name.
+    route: Box<str>,
+    backend: Box<str>,
 }
 
 impl TargetMetrics {
@@ -177,7 +181,19 @@ impl TargetMetrics {
                 class("5xx"),
             ],
             duration: metrics::histogram!(REQUEST_DURATION, &labels),
+            route: route.into(),
+            backend: backend.into(),
         }
+    }
+
+    /// The route's name; empty for requests no route took.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The backend's name; empty for routes that answer themselves.
+    pub fn backend(&self) -> &str {
+        &self.backend
     }
 
     /// Handles that record nothing (dry-run compiles).
@@ -185,6 +201,8 @@ impl TargetMetrics {
         Self {
             by_class: std::array::from_fn(|_| Counter::noop()),
             duration: Histogram::noop(),
+            route: Box::default(),
+            backend: Box::default(),
         }
     }
 

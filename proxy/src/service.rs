@@ -26,6 +26,7 @@ use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
     TableHandle,
 };
+use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
 use crate::upstream::{send_http1, Upstream};
 
 /// What every request on one downstream connection shares.
@@ -68,7 +69,11 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ObservedBody>, Infallible> {
     let version = req.version();
-    match AssertUnwindSafe(proxy(&cx, req)).catch_unwind().await {
+    let mut ids = None;
+    let result = AssertUnwindSafe(proxy(&cx, req, &mut ids))
+        .catch_unwind()
+        .await;
+    match result {
         Ok(mut resp) => {
             if let Some(h) = &cx.hsts {
                 resp.headers_mut()
@@ -78,8 +83,14 @@ pub async fn handle(
         }
         Err(_) => {
             metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+            let (request_id, trace_id) = match &ids {
+                Some((r, t)) => (r.to_str().ok(), Some(tracing::field::display(t.trace_id()))),
+                None => (None, None),
+            };
             tracing::error!(
                 listener = &*cx.listener_name,
+                request_id,
+                trace_id,
                 "request handler panicked; answered 500"
             );
             let mut resp = error_response(&ProxyError::Internal, version);
@@ -90,7 +101,13 @@ pub async fn handle(
     }
 }
 
-async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<ObservedBody> {
+/// `ids` gets the request id and trace context as soon as they exist, so that a panic
+/// can still be logged with them.
+async fn proxy(
+    cx: &ConnContext,
+    mut req: Request<Incoming>,
+    ids: &mut Option<(HeaderValue, TraceContext)>,
+) -> Response<ObservedBody> {
     let start = Instant::now();
     let mut bad_path = false;
     if let Some(path) = normalize_path(req.uri().path()) {
@@ -105,7 +122,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
     });
 
-    let (found, access_log) = {
+    let (found, access_log, sample_ratio) = {
         let guard = cx.table.load();
         let Some(table) = guard.as_ref() else {
             let err = ProxyError::NoEndpoints("no routing table has been published yet".into());
@@ -141,7 +158,7 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             Some(route) => Ok((Arc::clone(route), pick_target(table, route))),
             None => Err(Arc::clone(&lt.unmatched)),
         };
-        (found, table.access_log)
+        (found, table.access_log, table.spec.tracing.sample_ratio)
     };
 
     // The id is added after matching, so a route's header condition sees what the client sent.
@@ -153,6 +170,13 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
             v
         }
     };
+    let trace = TraceContext::for_request(req.headers(), sample_ratio);
+    *ids = Some((request_id.clone(), trace));
+    // Only an exported span needs the client's tracestate after the request is sent.
+    let tracestate = match (trace.parent_id, trace.sampled() && span_sink().is_some()) {
+        (Some(_), true) => req.headers().get(&TRACESTATE).cloned(),
+        _ => None,
+    };
     let mut done = Completion {
         start,
         method: req.method().clone(),
@@ -162,6 +186,9 @@ async fn proxy(cx: &ConnContext, mut req: Request<Incoming>) -> Response<Observe
         status: StatusCode::INTERNAL_SERVER_ERROR,
         upstream: None,
         request_id,
+        trace,
+        tracestate,
+        retries: 0,
         listener: Arc::clone(&cx.listener_name),
         metrics: match &found {
             Ok((route, _)) => Arc::clone(&route.local_metrics),
@@ -261,7 +288,7 @@ async fn forward(
     let pooled = matches!(backend.upstream, Upstream::Http1(_));
     match backend.state.try_request(&backend.breaker, pooled) {
         Ok(slot) => done.backend_slot = Some(slot),
-        Err(b) => return finish_error(breaker_open(backend, b), version, done),
+        Err(b) => return fail(breaker_open(backend, b), version, backend, done),
     }
     let hash = backend
         .hash_key
@@ -285,6 +312,14 @@ async fn forward(
         if let Some((name, Some(v))) = &tls.identity {
             parts.headers.insert(name.clone(), v.clone());
         }
+    }
+    parts
+        .headers
+        .insert(TRACEPARENT.clone(), done.trace.traceparent());
+    if done.trace.parent_id.is_none() {
+        // A tracestate whose traceparent was missing or invalid belongs to no trace we
+        // continue.
+        parts.headers.remove(&TRACESTATE);
     }
     if !route.request_headers.is_empty() {
         route.request_headers.apply(&mut parts.headers);
@@ -345,11 +380,8 @@ async fn forward(
     let mut last = None;
     let (ep, in_flight, mut resp) = loop {
         let Some(i) = pick_endpoint(backend, hash, last) else {
-            return finish_error(
-                ProxyError::NoEndpoints(backend.unavailable_reason()),
-                version,
-                done,
-            );
+            let err = ProxyError::NoEndpoints(backend.unavailable_reason());
+            return fail(err, version, backend, done);
         };
         last = Some(i);
         let ep = &backend.endpoints[i];
@@ -385,6 +417,8 @@ async fn forward(
             if let Some(s) = backend.state.try_retry(&backend.breaker) {
                 retry_slot = Some(s);
                 retries += 1;
+                done.retries = retries;
+                warn_retry(&done, backend, ep, &result);
                 metrics::counter!(crate::metrics::RETRIES, "backend" => backend.name.to_string())
                     .increment(1);
                 let p = policy.expect("retries need a policy");
@@ -397,10 +431,7 @@ async fn forward(
         }
         match result {
             Ok(r) => break (ep, in_flight, r),
-            Err(e) => {
-                tracing::debug!(backend = &*backend.name, error = %e, "upstream request failed");
-                return finish_error(e, version, done);
-            }
+            Err(e) => return fail(e, version, backend, done),
         }
     };
     in_flight.record_latency();
@@ -413,7 +444,7 @@ async fn forward(
                 addr: ep.addr,
                 reason: "switched protocols without an upgrade request".into(),
             };
-            return finish_error(err, version, done);
+            return fail(err, version, backend, done);
         };
         let up = hyper::upgrade::on(&mut resp);
         // The tunnel holds the endpoint's in-flight slot for as long as it lasts.
@@ -485,6 +516,52 @@ async fn attempt(
         _ => {}
     }
     result
+}
+
+/// Answers a forwarded request that failed, and logs why with the ids that tie the line to
+/// the request's access log line and span.
+fn fail(
+    err: ProxyError,
+    version: Version,
+    backend: &Backend,
+    done: Completion,
+) -> Response<ObservedBody> {
+    tracing::warn!(
+        backend = &*backend.name,
+        upstream = done.upstream.map(tracing::field::display),
+        error = %err,
+        request_id = done.request_id.to_str().unwrap_or("-"),
+        trace_id = %done.trace.trace_id(),
+        "upstream request failed",
+    );
+    finish_error(err, version, done)
+}
+
+/// Logs an attempt that is about to be retried.
+fn warn_retry<B>(
+    done: &Completion,
+    backend: &Backend,
+    ep: &Endpoint,
+    result: &Result<Response<B>, ProxyError>,
+) {
+    let request_id = done.request_id.to_str().unwrap_or("-");
+    let trace_id = tracing::field::display(done.trace.trace_id());
+    let (backend, endpoint) = (&*backend.name, tracing::field::display(ep.addr));
+    match result {
+        Err(e) => tracing::warn!(
+            backend, endpoint, retry = done.retries, error = %e, request_id, trace_id,
+            "upstream attempt failed; retrying",
+        ),
+        Ok(r) => tracing::warn!(
+            backend,
+            endpoint,
+            retry = done.retries,
+            status = r.status().as_u16(),
+            request_id,
+            trace_id,
+            "upstream attempt answered a retryable status; retrying",
+        ),
+    }
 }
 
 /// Picks an endpoint, trying not to send a retry where the last attempt went.

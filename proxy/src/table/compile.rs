@@ -203,6 +203,7 @@ pub fn compile(
         cx.err("limits.max_concurrent_streams", "must be at least 1");
     }
     check_dns(&mut cx, &spec.dns);
+    check_tracing(&mut cx, &spec.tracing);
 
     if !cx.errors.is_empty() {
         // A listener sharing another's routes compiles them again, with the same errors.
@@ -222,6 +223,26 @@ pub fn compile(
         access_log: spec.access_log.enabled,
         spec,
     })
+}
+
+fn check_tracing(cx: &mut Ctx, t: &super::spec::TracingSpec) {
+    if !(0.0..=1.0).contains(&t.sample_ratio) {
+        cx.err("tracing.sample_ratio", "must be between 0 and 1");
+    }
+    if let Some(e) = &t.otlp_endpoint {
+        let ok = e
+            .parse::<http::Uri>()
+            .is_ok_and(|u| matches!(u.scheme_str(), Some("http")) && u.authority().is_some());
+        if !ok {
+            cx.err(
+                "tracing.otlp_endpoint",
+                format!("invalid endpoint {e:?}: expected http://host:port"),
+            );
+        }
+    }
+    if t.service_name.is_empty() {
+        cx.err("tracing.service_name", "must not be empty");
+    }
 }
 
 /// Compiles backends on their own, sharing live state through `registries`: the part of

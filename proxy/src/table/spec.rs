@@ -24,6 +24,9 @@ pub struct Spec {
     /// Access log settings.
     #[serde(default)]
     pub access_log: AccessLogSpec,
+    /// W3C trace context and span export.
+    #[serde(default)]
+    pub tracing: TracingSpec,
     /// Listeners, each with its own routes.
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
@@ -272,6 +275,32 @@ pub struct AccessLogSpec {
 impl Default for AccessLogSpec {
     fn default() -> Self {
         Self { enabled: true }
+    }
+}
+
+/// Trace context and span export. Every request carries W3C trace context upstream
+/// whatever is set here; spans are exported only with an OTLP endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingSpec {
+    /// Base URL of an OTLP/HTTP collector (`http://collector:4318`; `/v1/traces` is
+    /// appended). Read at startup; `--otlp-endpoint` and `OTEL_EXPORTER_OTLP_ENDPOINT` win.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` of exported spans (`OTEL_SERVICE_NAME` wins).
+    pub service_name: String,
+    /// Share of new traces (requests without a valid `traceparent`) marked sampled,
+    /// from 0 to 1. A continued trace keeps the client's decision.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSpec {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            service_name: "strait".into(),
+            sample_ratio: 1.0,
+        }
     }
 }
 
