@@ -69,7 +69,8 @@ struct Cli {
     worker_threads: Option<usize>,
 
     /// Export a span per sampled request to this OTLP/HTTP collector (base URL, e.g.
-    /// http://127.0.0.1:4318) [default: tracing.otlp_endpoint from the config].
+    /// http://127.0.0.1:4318, or https:// with the system's roots or the CA bundle in
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE) [default: tracing.otlp_endpoint from the config].
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
     otlp_endpoint: Option<String>,
 

@@ -48,7 +48,7 @@ pub struct Exporter {
 pub fn start(endpoint: &str, service_name: &str) -> anyhow::Result<Exporter> {
     let url = traces_url(endpoint)?;
     let client = HyperClient {
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        client: Client::builder(TokioExecutor::new()).build(connector()?),
         runtime: tokio::runtime::Handle::current(),
     };
     let mut exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -113,11 +113,40 @@ fn traces_url(endpoint: &str) -> anyhow::Result<String> {
     let uri: http::Uri = endpoint
         .parse()
         .with_context(|| format!("invalid OTLP endpoint {endpoint:?}"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        anyhow::bail!("invalid OTLP endpoint {endpoint:?}: expected http://host:port");
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
+        anyhow::bail!(
+            "invalid OTLP endpoint {endpoint:?}: expected http://host:port or https://host:port"
+        );
     }
     Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
 }
+
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`: the CA bundle that signs an `https` collector's
+/// certificate, instead of the system's roots.
+const CA_VARIABLE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+
+/// Plain HTTP or HTTPS (rustls, TLS 1.2 and 1.3), whichever the endpoint says. The CA comes
+/// from [`CA_VARIABLE`] when set, else the system's roots.
+fn connector() -> anyhow::Result<Connector> {
+    let roots = match std::env::var_os(CA_VARIABLE) {
+        Some(path) => {
+            strait_proxy::tls::load_roots(std::path::Path::new(&path)).context(CA_VARIABLE)?
+        }
+        None => strait_proxy::tls::system_roots(),
+    };
+    let tls = rustls::ClientConfig::builder_with_provider(strait_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .context("TLS versions for the OTLP exporter")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build())
+}
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 
 /// `key=value,key=value`, as OTEL_RESOURCE_ATTRIBUTES is written.
 fn parse_resource_attributes(s: &str) -> Vec<KeyValue> {
@@ -222,7 +251,7 @@ fn host_only(host: &str) -> &str {
 /// thread, which has no reactor for hyper's sockets.
 #[derive(Debug)]
 struct HyperClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<Connector, Full<Bytes>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -263,8 +292,12 @@ mod tests {
             traces_url("http://c:4318/").unwrap(),
             "http://c:4318/v1/traces"
         );
+        assert_eq!(
+            traces_url("https://c:4318").unwrap(),
+            "https://c:4318/v1/traces"
+        );
         assert!(traces_url("c:4318").is_err());
-        assert!(traces_url("https://c:4318").is_err());
+        assert!(traces_url("ftp://c:4318").is_err());
     }
 
     #[test]

@@ -29,25 +29,32 @@ fn client_traceparent() -> String {
     format!("00-{TRACE_ID}-{CLIENT_SPAN}-01")
 }
 
-/// Accepts connections on a fresh listener and hands each request to `f`.
-async fn serve<F, Fut>(f: F) -> SocketAddr
+/// Accepts connections on a fresh listener (over TLS with `tls`) and hands each request
+/// to `f`.
+async fn serve<F, Fut>(f: F, tls: Option<Arc<rustls::ServerConfig>>) -> SocketAddr
 where
     F: Fn(Request<Incoming>) -> Fut + Send + Sync + Clone + 'static,
     Fut: std::future::Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
-            let f = f.clone();
+            let (f, tls) = (f.clone(), tls.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let f = f.clone();
                     async move { Ok::<_, Infallible>(f(req).await) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                let _ = match tls {
+                    None => http.serve_connection(TokioIo::new(s), svc).await,
+                    Some(tls) => match tls.accept(s).await {
+                        Ok(s) => http.serve_connection(TokioIo::new(s), svc).await,
+                        Err(_) => return,
+                    },
+                };
             });
         }
     });
@@ -64,13 +71,16 @@ impl Recorder {
     async fn start() -> Self {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = Arc::clone(&seen);
-        let addr = serve(move |req: Request<Incoming>| {
-            let s = Arc::clone(&s);
-            async move {
-                s.lock().unwrap().push(req.headers().clone());
-                Response::new(Full::new(Bytes::from_static(b"ok")))
-            }
-        })
+        let addr = serve(
+            move |req: Request<Incoming>| {
+                let s = Arc::clone(&s);
+                async move {
+                    s.lock().unwrap().push(req.headers().clone());
+                    Response::new(Full::new(Bytes::from_static(b"ok")))
+                }
+            },
+            None,
+        )
         .await;
         Self { addr, seen }
     }
@@ -88,47 +98,59 @@ impl Recorder {
 /// An OTLP/HTTP collector: decodes every `ExportTraceServiceRequest` posted to
 /// `/v1/traces` and keeps its spans with their resource's `service.name`.
 struct Collector {
-    addr: SocketAddr,
+    url: String,
     spans: Arc<Mutex<Vec<(String, Span)>>>,
 }
 
 impl Collector {
     async fn start() -> Self {
+        Self::start_with(None).await
+    }
+
+    /// A collector over HTTPS with this server configuration.
+    async fn start_with(tls: Option<Arc<rustls::ServerConfig>>) -> Self {
         let spans = Arc::new(Mutex::new(Vec::new()));
         let s = Arc::clone(&spans);
-        let addr = serve(move |req: Request<Incoming>| {
-            let s = Arc::clone(&s);
-            async move {
-                assert_eq!(req.uri().path(), "/v1/traces");
-                assert_eq!(req.headers()["content-type"], "application/x-protobuf");
-                let body = req.into_body().collect().await.unwrap().to_bytes();
-                let export = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
-                for rs in export.resource_spans {
-                    let service = rs
-                        .resource
-                        .as_ref()
-                        .and_then(|r| string_attr(&r.attributes, "service.name"))
-                        .unwrap_or_default();
-                    for ss in rs.scope_spans {
-                        for span in ss.spans {
-                            s.lock().unwrap().push((service.clone(), span));
+        let addr = serve(
+            move |req: Request<Incoming>| {
+                let s = Arc::clone(&s);
+                async move {
+                    assert_eq!(req.uri().path(), "/v1/traces");
+                    assert_eq!(req.headers()["content-type"], "application/x-protobuf");
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let export = ExportTraceServiceRequest::decode(body).expect("OTLP protobuf");
+                    for rs in export.resource_spans {
+                        let service = rs
+                            .resource
+                            .as_ref()
+                            .and_then(|r| string_attr(&r.attributes, "service.name"))
+                            .unwrap_or_default();
+                        for ss in rs.scope_spans {
+                            for span in ss.spans {
+                                s.lock().unwrap().push((service.clone(), span));
+                            }
                         }
                     }
+                    let mut resp = Response::new(Full::new(Bytes::new()));
+                    resp.headers_mut().insert(
+                        "content-type",
+                        http::HeaderValue::from_static("application/x-protobuf"),
+                    );
+                    resp
                 }
-                let mut resp = Response::new(Full::new(Bytes::new()));
-                resp.headers_mut().insert(
-                    "content-type",
-                    http::HeaderValue::from_static("application/x-protobuf"),
-                );
-                resp
-            }
-        })
+            },
+            tls.clone(),
+        )
         .await;
-        Self { addr, spans }
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        Self {
+            url: format!("{scheme}://{addr}"),
+            spans,
+        }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.url.clone()
     }
 
     /// Waits for the span of trace `trace_id` and returns it with its service name.
@@ -531,4 +553,47 @@ fn an_invalid_otlp_endpoint_stops_strait_with_a_usage_error() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid OTLP endpoint"));
+}
+
+#[tokio::test]
+async fn spans_reach_an_https_collector_whose_ca_is_given() {
+    let up = Recorder::start().await;
+    let ca = support::tls::Ca::new("otlp");
+    let cert = ca.issue("collector", &["127.0.0.1"]);
+    let collector = Collector::start_with(Some(cert.server_config(&[b"http/1.1"], None))).await;
+    let dir = tempdir::Dir::new("trace-export-tls");
+    let url = collector.url();
+    assert!(url.starts_with("https://"), "{url}");
+    let bin = start(
+        &config(&dir, up.addr, "", ""),
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", OsStr::new(&url)),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.file.as_os_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", OsStr::new("50")),
+        ],
+    )
+    .await;
+    let tp = client_traceparent();
+    let r = get_with(&bin, &[("traceparent", &tp)]).await;
+    assert_eq!(r.status, 200);
+    let (_, span) = collector.span_of(TRACE_ID).await;
+    assert_eq!(hex(&span.parent_span_id), CLIENT_SPAN);
+
+    // A CA bundle that cannot be read stops Strait at startup, naming the variable.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+        .arg("--config")
+        .arg(config(&dir, up.addr, "", ""))
+        .args(["--otlp-endpoint", &url, "--admin-addr", "127.0.0.1:0"])
+        .env(
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+            dir.path().join("missing.pem"),
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        "{stderr}"
+    );
 }

@@ -230,13 +230,13 @@ fn check_tracing(cx: &mut Ctx, t: &super::spec::TracingSpec) {
         cx.err("tracing.sample_ratio", "must be between 0 and 1");
     }
     if let Some(e) = &t.otlp_endpoint {
-        let ok = e
-            .parse::<http::Uri>()
-            .is_ok_and(|u| matches!(u.scheme_str(), Some("http")) && u.authority().is_some());
+        let ok = e.parse::<http::Uri>().is_ok_and(|u| {
+            matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some()
+        });
         if !ok {
             cx.err(
                 "tracing.otlp_endpoint",
-                format!("invalid endpoint {e:?}: expected http://host:port"),
+                format!("invalid endpoint {e:?}: expected http://host:port or https://host:port"),
             );
         }
     }

@@ -283,8 +283,8 @@ impl Default for AccessLogSpec {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingSpec {
-    /// Base URL of an OTLP/HTTP collector (`http://collector:4318`; `/v1/traces` is
-    /// appended). Read at startup; `--otlp-endpoint` and `OTEL_EXPORTER_OTLP_ENDPOINT` win.
+    /// Base URL of an OTLP/HTTP collector (`http://collector:4318`, or `https://` with the
+    /// system's roots or `OTEL_EXPORTER_OTLP_CERTIFICATE`; `/v1/traces` is appended). Read at startup; `--otlp-endpoint` and `OTEL_EXPORTER_OTLP_ENDPOINT` win.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub otlp_endpoint: Option<String>,
     /// `service.name` of exported spans (`OTEL_SERVICE_NAME` wins).
