@@ -303,20 +303,7 @@ async fn webapp_grpc_example_balances_retries_and_rate_limits_as_annotated() {
     assert!(!r.header("ratelimit-policy").is_empty());
 
     // gRPC: one HTTP/2 connection, each call balanced over the three pods.
-    let channel = tonic::transport::Endpoint::from_shared(ex.http())
-        .unwrap()
-        .origin("http://grpc.example".parse().unwrap())
-        .connect()
-        .await
-        .expect("Strait accepts h2c");
-    let mut grpc = tonic_health::pb::health_client::HealthClient::new(channel);
-    let mut seen: HashMap<i32, usize> = HashMap::new();
-    for _ in 0..30 {
-        let s = support::grpc_check(&mut grpc, "x")
-            .await
-            .expect("an answer");
-        *seen.entry(s).or_insert(0) += 1;
-    }
+    let seen = support::grpc_checks_over_one_connection(ex.http(), "grpc.example", 30).await;
     assert_eq!(seen.len(), 3, "every pod answered: {seen:?}");
     assert!(seen.values().all(|&n| n == 10), "round robin: {seen:?}");
 }

@@ -768,20 +768,8 @@ async fn service_names_route_grpc_per_request_over_every_ready_pod() {
 
     for authority in ["grpc.apps:6000", "grpc.apps.svc.cluster.local:6000"] {
         // One HTTP/2 connection, as a gRPC client keeps; Strait balances each call.
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .origin(format!("http://{authority}").parse().unwrap())
-            .connect()
-            .await
-            .expect("the service listener accepts h2c");
-        let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-        let mut seen: HashMap<i32, usize> = HashMap::new();
-        for _ in 0..30 {
-            let s = support::grpc_check(&mut client, "x")
-                .await
-                .expect("a check answer");
-            *seen.entry(s).or_insert(0) += 1;
-        }
+        let seen =
+            support::grpc_checks_over_one_connection(format!("http://{addr}"), authority, 30).await;
         assert_eq!(seen.len(), 3, "{authority}: every pod answered: {seen:?}");
         assert!(seen.values().all(|&n| n == 10), "{authority}: {seen:?}");
     }

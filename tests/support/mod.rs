@@ -573,6 +573,28 @@ pub async fn grpc_check(
         .map(|r| r.into_inner().status)
 }
 
+/// Sends `n` health checks (service "x") over one HTTP/2 connection to `url`, with
+/// `authority` as the `:authority` a client would send, and counts the answers by status.
+pub async fn grpc_checks_over_one_connection(
+    url: String,
+    authority: &str,
+    n: usize,
+) -> std::collections::HashMap<i32, usize> {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .origin(format!("http://{authority}").parse().unwrap())
+        .connect()
+        .await
+        .expect("Strait accepts h2c");
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut seen = std::collections::HashMap::new();
+    for _ in 0..n {
+        let s = grpc_check(&mut client, "x").await.expect("a check answer");
+        *seen.entry(s).or_insert(0) += 1;
+    }
+    seen
+}
+
 /// Sends one GET per new connection to `127.0.0.1:port` (an HTTP server behind a TCP relay),
 /// once the relay answers at all, and counts the `n` answers by body.
 pub async fn bodies_over_fresh_connections(
