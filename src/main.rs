@@ -70,8 +70,9 @@ struct Cli {
 
     /// Export a span per sampled request to this OTLP/HTTP collector (base URL, e.g.
     /// http://127.0.0.1:4318, or https:// with the system's roots or the CA bundle in
-    /// OTEL_EXPORTER_OTLP_CERTIFICATE) [default: tracing.otlp_endpoint from the config].
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE) [default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then
+    /// OTEL_EXPORTER_OTLP_ENDPOINT, then tracing.otlp_endpoint from the config].
+    #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
 
     #[command(flatten)]
@@ -463,11 +464,24 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
         }
     };
 
+    let from_env = |name: &str| std::env::var(name).ok().filter(|e| !e.is_empty());
+    let (traces_env, base_env) = (
+        from_env(otel::TRACES_ENDPOINT_VARIABLE),
+        from_env(otel::ENDPOINT_VARIABLE),
+    );
+    // The flag, then the specification's order for the variables, then the file.
     let otlp = cli
         .otlp_endpoint
         .as_deref()
         .filter(|e| !e.is_empty())
-        .or(spec.tracing.otlp_endpoint.as_deref());
+        .map(otel::Endpoint::Base)
+        .or(traces_env.as_deref().map(otel::Endpoint::Traces))
+        .or(base_env.as_deref().map(otel::Endpoint::Base))
+        .or(spec
+            .tracing
+            .otlp_endpoint
+            .as_deref()
+            .map(otel::Endpoint::Base));
     let exporter = match otlp.map(|e| otel::start(e, &spec.tracing.service_name)) {
         None => None,
         Some(Ok(x)) => {

@@ -42,11 +42,30 @@ pub struct Exporter {
     endpoint: String,
 }
 
-/// Starts exporting spans of sampled requests to the OTLP/HTTP collector at `endpoint`
-/// (a base URL: `/v1/traces` is appended), and installs the span sink of the data plane.
-/// Must be called from inside the runtime that will carry the exports.
-pub fn start(endpoint: &str, service_name: &str) -> anyhow::Result<Exporter> {
-    let url = traces_url(endpoint)?;
+/// Where spans go, as the OpenTelemetry specification names the two ways to say it.
+pub enum Endpoint<'a> {
+    /// A collector's base URL (`OTEL_EXPORTER_OTLP_ENDPOINT`): `/v1/traces` is appended.
+    Base(&'a str),
+    /// The full traces URL (`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), used as it is.
+    Traces(&'a str),
+}
+
+/// The variable that gives the full traces URL.
+pub const TRACES_ENDPOINT_VARIABLE: &str = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT";
+/// The variable that gives the collector's base URL.
+pub const ENDPOINT_VARIABLE: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
+
+/// Starts exporting spans of sampled requests to the OTLP/HTTP collector at `endpoint`,
+/// and installs the span sink of the data plane. Must be called from inside the runtime
+/// that will carry the exports.
+pub fn start(endpoint: Endpoint<'_>, service_name: &str) -> anyhow::Result<Exporter> {
+    let url = match endpoint {
+        Endpoint::Base(base) => traces_url(base)?,
+        Endpoint::Traces(url) => {
+            check_url(url)?;
+            url.to_owned()
+        }
+    };
     let client = HyperClient {
         client: Client::builder(TokioExecutor::new()).build(connector()?),
         runtime: tokio::runtime::Handle::current(),
@@ -110,6 +129,11 @@ impl Exporter {
 /// `endpoint` with the OTLP/HTTP traces path, as the specification builds it from
 /// `OTEL_EXPORTER_OTLP_ENDPOINT`.
 fn traces_url(endpoint: &str) -> anyhow::Result<String> {
+    check_url(endpoint)?;
+    Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+}
+
+fn check_url(endpoint: &str) -> anyhow::Result<()> {
     let uri: http::Uri = endpoint
         .parse()
         .with_context(|| format!("invalid OTLP endpoint {endpoint:?}"))?;
@@ -118,7 +142,7 @@ fn traces_url(endpoint: &str) -> anyhow::Result<String> {
             "invalid OTLP endpoint {endpoint:?}: expected http://host:port or https://host:port"
         );
     }
-    Ok(format!("{}/v1/traces", endpoint.trim_end_matches('/')))
+    Ok(())
 }
 
 /// `OTEL_EXPORTER_OTLP_CERTIFICATE`: the CA bundle that signs an `https` collector's

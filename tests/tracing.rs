@@ -237,6 +237,8 @@ backends:
 async fn start(cfg: &std::path::Path, env: &[(&str, &OsStr)]) -> Binary {
     let mut all: Vec<(&str, &OsStr)> = vec![
         ("OTEL_EXPORTER_OTLP_ENDPOINT", OsStr::new("")),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OsStr::new("")),
+        ("OTEL_EXPORTER_OTLP_CERTIFICATE", OsStr::new("")),
         ("OTEL_SERVICE_NAME", OsStr::new("")),
         ("OTEL_RESOURCE_ATTRIBUTES", OsStr::new("")),
     ];
@@ -556,7 +558,7 @@ fn an_invalid_otlp_endpoint_stops_strait_with_a_usage_error() {
 }
 
 #[tokio::test]
-async fn spans_reach_an_https_collector_whose_ca_is_given() {
+async fn spans_reach_an_https_collector_whose_ca_is_given_at_its_traces_url() {
     let up = Recorder::start().await;
     let ca = support::tls::Ca::new("otlp");
     let cert = ca.issue("collector", &["127.0.0.1"]);
@@ -564,10 +566,16 @@ async fn spans_reach_an_https_collector_whose_ca_is_given() {
     let dir = tempdir::Dir::new("trace-export-tls");
     let url = collector.url();
     assert!(url.starts_with("https://"), "{url}");
+    // The traces URL, used as given, wins over a base URL that leads nowhere.
+    let traces = format!("{url}/v1/traces");
     let bin = start(
         &config(&dir, up.addr, "", ""),
         &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", OsStr::new(&url)),
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", OsStr::new(&traces)),
+            (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                OsStr::new("http://127.0.0.1:9"),
+            ),
             ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca.file.as_os_str()),
             ("OTEL_BSP_SCHEDULE_DELAY", OsStr::new("50")),
         ],
@@ -578,6 +586,10 @@ async fn spans_reach_an_https_collector_whose_ca_is_given() {
     assert_eq!(r.status, 200);
     let (_, span) = collector.span_of(TRACE_ID).await;
     assert_eq!(hex(&span.parent_span_id), CLIENT_SPAN);
+    assert!(
+        bin.logged(&format!("\"url\":\"{traces}\"")),
+        "exports to {traces}"
+    );
 
     // A CA bundle that cannot be read stops Strait at startup, naming the variable.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_strait"))
