@@ -337,3 +337,49 @@ async fn mysql_tcp_example_relays_connections_round_robin_to_the_headless_servic
     let seen = ex.spread("webserver.example", 4).await;
     evenly(&seen, &["webserver-0", "webserver-1"], 2);
 }
+
+/// `strait-dns.yaml` of the MySQL example, as written but for its bind address and the
+/// nameserver: the headless Service's name, answered by a real DNS server with the pods'
+/// addresses, round-robined connection by connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_tcp_example_without_the_api_round_robins_the_dns_records() {
+    let docs = example("mysql-tcp");
+    let replicas = named(&docs, "StatefulSet", "mysql")["spec"]["replicas"]
+        .as_u64()
+        .unwrap() as usize;
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/examples/mysql-tcp/strait-dns.yaml");
+    let mut cfg: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let dns_name = cfg["backends"][0]["dns"].as_str().unwrap().to_owned();
+    let (host, port) = dns_name.rsplit_once(':').unwrap();
+    let port: u16 = port.parse().unwrap();
+
+    let pods: Vec<Pod> = (0..replicas).map(|_| Pod::create()).collect();
+    let _ups: Vec<Upstream> = pods
+        .iter()
+        .enumerate()
+        .map(|(i, p)| p.upstream_on(&format!("mysql-{i}"), port))
+        .collect();
+    let dns = support::dns::DnsServer::start("cluster.local.").await;
+    let ips: Vec<std::net::Ipv4Addr> = pods
+        .iter()
+        .map(|p| match p.ip() {
+            std::net::IpAddr::V4(ip) => ip,
+            other => panic!("test pods are IPv4: {other}"),
+        })
+        .collect();
+    dns.set_a(&format!("{host}."), &ips, 30);
+
+    cfg["listeners"][0]["address"] = "127.0.0.1:0".into();
+    cfg["dns"] = serde_yaml_ng::from_str(&format!("nameservers: [\"{}\"]", dns.addr())).unwrap();
+    let dir = tempdir::Dir::new("mysql-dns");
+    let file = dir.write("strait.yaml", &serde_yaml_ng::to_string(&cfg).unwrap());
+    let strait = Binary::start(&file).await;
+    let relay = strait.listener("mysql");
+    let seen = support::bodies_over_fresh_connections(relay.port(), 10).await;
+    let want: HashMap<String, usize> = (0..replicas)
+        .map(|i| (format!("mysql-{i}"), 10 / replicas))
+        .collect();
+    assert_eq!(seen, want, "connections round-robin over the A records");
+}
