@@ -2,6 +2,7 @@
 //! reads them. One task owns it and applies watch events to it; translation only reads.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Secret, Service};
@@ -70,8 +71,9 @@ pub struct Cluster {
     pub ingresses: BTreeMap<Key, Arc<Ingress>>,
     /// Services.
     pub services: BTreeMap<Key, Arc<Service>>,
-    /// EndpointSlices by their own key.
-    pub slices: HashMap<Key, Arc<EndpointSlice>>,
+    /// EndpointSlices by their own key, as the few fields translation reads (the full
+    /// objects were most of the memory the controller held).
+    pub slices: HashMap<Key, Slice>,
     /// Slice names by the key of the Service they belong to.
     pub slices_by_service: HashMap<Key, BTreeSet<String>>,
     /// TLS Secrets.
@@ -124,7 +126,7 @@ impl Cluster {
                 if let Some(old) = self.slices.get(&key) {
                     // A slice's service label is immutable in practice, but nothing forbids
                     // relabelling: unlink it from its old Service first.
-                    if let Some(svc) = service_of(old) {
+                    if let Some(svc) = old.service.clone() {
                         self.unlink_slice(&svc, &key.name);
                     }
                 }
@@ -134,7 +136,7 @@ impl Cluster {
                         .or_default()
                         .insert(key.name.clone());
                 }
-                self.slices.insert(key, s);
+                self.slices.insert(key, Slice::from_object(&s));
             }
             Object::Secret(s) => {
                 self.secrets.insert(Key::of(&*s), s);
@@ -157,8 +159,8 @@ impl Cluster {
             Object::EndpointSlice(s) => {
                 let key = Key::of(&**s);
                 if let Some(old) = self.slices.remove(&key) {
-                    if let Some(svc) = service_of(&old) {
-                        self.unlink_slice(&svc, &key.name);
+                    if let Some(svc) = &old.service {
+                        self.unlink_slice(svc, &key.name);
                     }
                 }
             }
@@ -189,16 +191,12 @@ impl Cluster {
     }
 
     /// The EndpointSlices of a Service.
-    pub fn slices_of<'a>(&'a self, service: &'a Key) -> impl Iterator<Item = &'a EndpointSlice> {
+    pub fn slices_of<'a>(&'a self, service: &'a Key) -> impl Iterator<Item = &'a Slice> {
         self.slices_by_service
             .get(service)
             .into_iter()
             .flatten()
-            .filter_map(move |name| {
-                self.slices
-                    .get(&Key::new(&service.namespace, name))
-                    .map(|s| &**s)
-            })
+            .filter_map(move |name| self.slices.get(&Key::new(&service.namespace, name)))
     }
 
     fn unlink_slice(&mut self, svc: &Key, slice: &str) {
@@ -207,6 +205,74 @@ impl Cluster {
             if set.is_empty() {
                 self.slices_by_service.remove(svc);
             }
+        }
+    }
+}
+
+/// What translation reads of an EndpointSlice: its Service, its ports and the endpoints
+/// that can take traffic, addresses parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slice {
+    /// The Service it belongs to, by [`SERVICE_NAME_LABEL`].
+    pub service: Option<Key>,
+    /// Ports: name (empty when unnamed), TCP or not, number.
+    pub ports: Vec<SlicePort>,
+    /// Endpoints that are ready, or serving while terminating, by their first address;
+    /// empty unless the address type is IPv4 or IPv6.
+    pub endpoints: Vec<SliceEndpoint>,
+}
+
+/// A port of a [`Slice`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    /// The Service port's name, empty when unnamed.
+    pub name: String,
+    /// Its protocol is TCP (the default).
+    pub tcp: bool,
+    /// The target port number, when given.
+    pub port: Option<i32>,
+}
+
+/// An endpoint of a [`Slice`] that can take traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SliceEndpoint {
+    /// Its first address (consumers use the first; the others belong to the same pod).
+    pub ip: IpAddr,
+    /// Ready; else serving while terminating (kube-proxy's fallback).
+    pub ready: bool,
+}
+
+impl Slice {
+    /// The fields of `slice` translation reads.
+    pub fn from_object(slice: &EndpointSlice) -> Self {
+        let ip_family = matches!(slice.address_type.as_str(), "IPv4" | "IPv6");
+        let endpoints = slice
+            .endpoints
+            .iter()
+            .filter(|_| ip_family)
+            .filter_map(|ep| {
+                let ip = ep.addresses.first()?.parse::<IpAddr>().ok()?;
+                let c = ep.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+                let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
+                (ready || (serving && terminating)).then_some(SliceEndpoint { ip, ready })
+            })
+            .collect();
+        let ports = slice
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| SlicePort {
+                name: p.name.clone().unwrap_or_default(),
+                tcp: p.protocol.as_deref().unwrap_or("TCP") == "TCP",
+                port: p.port,
+            })
+            .collect();
+        Self {
+            service: service_of(slice),
+            ports,
+            endpoints,
         }
     }
 }

@@ -768,14 +768,11 @@ pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec
     let mut ready: Vec<(IpAddr, u16)> = Vec::new();
     let mut terminating: Vec<(IpAddr, u16)> = Vec::new();
     for slice in cluster.slices_of(&source.service) {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
         // Slice ports carry the Service port's name and this slice's target port number.
-        let port = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == source.port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
-        });
+        let port = slice
+            .ports
+            .iter()
+            .find(|p| p.name == source.port_name && p.tcp);
         let Some(port) = port
             .and_then(|p| p.port)
             .and_then(|p| u16::try_from(p).ok())
@@ -783,18 +780,10 @@ pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec
             continue;
         };
         for ep in &slice.endpoints {
-            // Consumers use the first address; the others belong to the same pod.
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let c = ep.conditions.as_ref();
-            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            if is_ready {
-                ready.push((ip, port));
-            } else if serving && is_terminating {
-                terminating.push((ip, port));
+            if ep.ready {
+                ready.push((ep.ip, port));
+            } else {
+                terminating.push((ep.ip, port));
             }
         }
     }
