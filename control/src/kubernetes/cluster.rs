@@ -69,8 +69,8 @@ pub struct Cluster {
     pub classes: BTreeMap<String, Arc<IngressClass>>,
     /// Ingresses.
     pub ingresses: BTreeMap<Key, Arc<Ingress>>,
-    /// Services.
-    pub services: BTreeMap<Key, Arc<Service>>,
+    /// Services, as the few fields translation reads.
+    pub services: BTreeMap<Key, Svc>,
     /// EndpointSlices by their own key, as the few fields translation reads (the full
     /// objects were most of the memory the controller held).
     pub slices: HashMap<Key, Slice>,
@@ -119,7 +119,7 @@ impl Cluster {
                 self.ingresses.insert(Key::of(&*i), i);
             }
             Object::Service(s) => {
-                self.services.insert(Key::of(&*s), s);
+                self.services.insert(Key::of(&*s), Svc::from_object(&s));
             }
             Object::EndpointSlice(s) => {
                 let key = Key::of(&*s);
@@ -205,6 +205,68 @@ impl Cluster {
             if set.is_empty() {
                 self.slices_by_service.remove(svc);
             }
+        }
+    }
+}
+
+/// What translation reads of a Service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Svc {
+    /// `spec.type`.
+    pub type_: Option<String>,
+    /// `spec.externalName`.
+    pub external_name: Option<String>,
+    /// `spec.sessionAffinity`.
+    pub session_affinity: Option<String>,
+    /// `spec.ports`.
+    pub ports: Vec<SvcPort>,
+    /// `strait.io/tcp-port`.
+    pub tcp_port: Option<String>,
+    /// `strait.io/tcp-service-port`.
+    pub tcp_service_port: Option<String>,
+}
+
+/// A port of a [`Svc`], as the Service spec has it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SvcPort {
+    /// Its name.
+    pub name: Option<String>,
+    /// Its number.
+    pub port: i32,
+    /// Its protocol (TCP when unset).
+    pub protocol: Option<String>,
+    /// Its application protocol.
+    pub app_protocol: Option<String>,
+}
+
+impl Svc {
+    /// The fields of `svc` translation reads.
+    pub fn from_object(svc: &Service) -> Self {
+        let spec = svc.spec.as_ref();
+        let annotation = |name: &str| {
+            svc.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(name))
+                .cloned()
+        };
+        Self {
+            type_: spec.and_then(|s| s.type_.clone()),
+            external_name: spec.and_then(|s| s.external_name.clone()),
+            session_affinity: spec.and_then(|s| s.session_affinity.clone()),
+            ports: spec
+                .and_then(|s| s.ports.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|p| SvcPort {
+                    name: p.name.clone(),
+                    port: p.port,
+                    protocol: p.protocol.clone(),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            tcp_port: annotation(super::translate::TCP_PORT_ANNOTATION),
+            tcp_service_port: annotation(super::translate::TCP_SERVICE_PORT_ANNOTATION),
         }
     }
 }
