@@ -272,7 +272,7 @@ impl Controller {
                     .cluster
                     .slices
                     .get(&Key::of(&**s))
-                    .and_then(|o| cluster::service_of(o));
+                    .and_then(|o| o.service.clone());
                 self.dirty.services.extend(old);
                 self.dirty.services.extend(cluster::service_of(s));
             }

@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::networking::v1::{Ingress, IngressBackend, IngressServiceBackend};
 use std::time::Duration;
 
@@ -21,7 +20,7 @@ use strait_proxy::table::spec::{
 
 use super::annotations::{self, IngressSettings};
 use super::certs::{self, CertState, SecretCerts};
-use super::cluster::{Cluster, Key};
+use super::cluster::{Cluster, Key, Svc, SvcPort};
 
 /// The controller name an IngressClass must have for Strait to serve its Ingresses.
 pub const CONTROLLER: &str = "strait.io/ingress-controller";
@@ -543,12 +542,11 @@ pub fn service_backend(
     let Some(svc) = cluster.services.get(&key) else {
         return Err(format!("Service {key} does not exist"));
     };
-    let spec = svc.spec.as_ref();
     let wanted = b.port.as_ref();
     let number = wanted.and_then(|p| p.number);
     let port_name = wanted.and_then(|p| p.name.as_deref());
-    if spec.and_then(|s| s.type_.as_deref()) == Some("ExternalName") {
-        let target = spec.and_then(|s| s.external_name.as_deref()).unwrap_or("");
+    if svc.type_.as_deref() == Some("ExternalName") {
+        let target = svc.external_name.as_deref().unwrap_or("");
         let port = number
             .or_else(|| {
                 let p = find_port(svc, None, port_name)?;
@@ -579,7 +577,7 @@ pub fn service_backend(
     ) {
         backend.protocol = UpstreamProtocol::H2c;
     }
-    if spec.and_then(|s| s.session_affinity.as_deref()) == Some("ClientIP") {
+    if svc.session_affinity.as_deref() == Some("ClientIP") {
         // Consistent hashing on the client address: the same client keeps its pod while
         // the endpoint set is stable, as kube-proxy's ClientIP affinity promises.
         backend.policy = Policy::RingHash;
@@ -596,17 +594,13 @@ pub fn service_routes(
     cluster: &Cluster,
     options: &ServiceRouting,
     key: &Key,
-    svc: &Service,
+    svc: &Svc,
     routes: &mut Vec<RouteSpec>,
     backends: &mut BTreeMap<String, BackendSpec>,
     sources: &mut BTreeMap<String, EndpointSource>,
 ) {
-    let ports = svc
-        .spec
-        .as_ref()
-        .and_then(|s| s.ports.as_deref())
-        .unwrap_or_default();
-    let tcp: Vec<&ServicePort> = ports
+    let tcp: Vec<&SvcPort> = svc
+        .ports
         .iter()
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
         .collect();
@@ -681,11 +675,10 @@ fn tcp_service(
     cluster: &Cluster,
     options: &TranslateOptions,
     key: &Key,
-    svc: &Service,
+    svc: &Svc,
     ports: &mut HashMap<u16, Key>,
 ) -> Result<Option<(ListenerSpec, BackendSpec, EndpointSource)>, String> {
-    let annotations = svc.metadata.annotations.as_ref();
-    let Some(raw) = annotations.and_then(|a| a.get(TCP_PORT_ANNOTATION)) else {
+    let Some(raw) = svc.tcp_port.as_ref() else {
         return Ok(None);
     };
     let port: u16 = raw
@@ -696,16 +689,15 @@ fn tcp_service(
     if let Some(other) = ports.get(&port) {
         return Err(format!("port {port} is already taken by Service {other}"));
     }
-    let wanted = annotations.and_then(|a| a.get(TCP_SERVICE_PORT_ANNOTATION));
+    let wanted = svc.tcp_service_port.as_ref();
     let (number, name) = match wanted.map(|w| w.parse::<i32>()) {
         Some(Ok(n)) => (Some(n), None),
         Some(Err(_)) => (None, wanted.map(String::as_str)),
         None => (None, None),
     };
     let Some(sp) = find_port(svc, number, name).or_else(|| {
-        let all = svc.spec.as_ref()?.ports.as_ref()?;
         (number.is_none() && name.is_none())
-            .then(|| all.first())
+            .then(|| svc.ports.first())
             .flatten()
     }) else {
         return Err(format!(
@@ -748,12 +740,8 @@ fn tcp_service(
     Ok(Some((listener, backend, source)))
 }
 
-fn find_port<'a>(
-    svc: &'a Service,
-    number: Option<i32>,
-    name: Option<&str>,
-) -> Option<&'a ServicePort> {
-    let ports = svc.spec.as_ref()?.ports.as_ref()?;
+fn find_port<'a>(svc: &'a Svc, number: Option<i32>, name: Option<&str>) -> Option<&'a SvcPort> {
+    let ports = &svc.ports;
     ports.iter().find(|p| match (number, name) {
         (Some(n), _) => p.port == n,
         (None, Some(name)) => p.name.as_deref() == Some(name),
@@ -768,14 +756,11 @@ pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec
     let mut ready: Vec<(IpAddr, u16)> = Vec::new();
     let mut terminating: Vec<(IpAddr, u16)> = Vec::new();
     for slice in cluster.slices_of(&source.service) {
-        if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-            continue;
-        }
         // Slice ports carry the Service port's name and this slice's target port number.
-        let port = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or("") == source.port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
-        });
+        let port = slice
+            .ports
+            .iter()
+            .find(|p| p.name == source.port_name && p.tcp);
         let Some(port) = port
             .and_then(|p| p.port)
             .and_then(|p| u16::try_from(p).ok())
@@ -783,18 +768,10 @@ pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec
             continue;
         };
         for ep in &slice.endpoints {
-            // Consumers use the first address; the others belong to the same pod.
-            let Some(ip) = ep.addresses.first().and_then(|a| a.parse::<IpAddr>().ok()) else {
-                continue;
-            };
-            let c = ep.conditions.as_ref();
-            let is_ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(is_ready);
-            let is_terminating = c.and_then(|c| c.terminating).unwrap_or(false);
-            if is_ready {
-                ready.push((ip, port));
-            } else if serving && is_terminating {
-                terminating.push((ip, port));
+            if ep.ready {
+                ready.push((ep.ip, port));
+            } else {
+                terminating.push((ep.ip, port));
             }
         }
     }
