@@ -227,7 +227,16 @@ async fn file_change_reloads_and_a_bad_file_keeps_the_table() {
         }
     })
     .await;
-    assert!(bin.logged("strait.yaml:5:"), "error logged with file:line");
+    // The log line travels through a pipe and a reader task: it can land after the metric.
+    eventually(
+        Duration::from_secs(5),
+        "error logged with file:line",
+        || {
+            let logged = bin.logged("strait.yaml:5:");
+            async move { logged }
+        },
+    )
+    .await;
     assert_eq!(
         get(&c, &bin.url("/")).await.body,
         "two",
