@@ -9,16 +9,13 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::time::Duration;
 
 use serde_json::Value;
 use support::k8s::{self, READY};
 use support::kube_api::KubeApi;
 use support::netns::Pod;
-use support::{client, eventually, get_host, tempdir, Binary, Upstream};
+use support::{client, get_host, tempdir, Binary, Upstream};
 use tonic_health::ServingStatus;
-
-const WAIT: Duration = Duration::from_secs(15);
 
 /// Every document of every `.yaml` file of an example, in file name order.
 fn example(name: &str) -> Vec<Value> {
@@ -179,13 +176,7 @@ async fn run(name: &str, tcp_ports: &HashMap<String, String>) -> Running {
     }
     let dir = tempdir::Dir::new("examples");
     let strait = k8s::controller(&api, &dir, &[]).await;
-    let c = client();
-    let url = strait.admin_url("/ready");
-    eventually(WAIT, "strait is ready", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { support::get(&c, &url).await.status == 200 }
-    })
-    .await;
+    strait.wait_ready().await;
     Running {
         api,
         _dir: dir,

@@ -102,7 +102,7 @@ async fn web_behind(
         &to("web"),
     ));
     let strait = k8s::controller(api, dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     (strait, pods, ups)
 }
 
@@ -113,16 +113,6 @@ fn to<'a>(service: &'a str) -> [Path<'a>; 1] {
 
 fn ready(pods: &[Pod]) -> Vec<(std::net::IpAddr, k8s::Cond)> {
     pods.iter().map(|p| (p.ip(), READY)).collect()
-}
-
-async fn wait_ready(strait: &Binary) {
-    let c = client();
-    let url = strait.admin_url("/ready");
-    eventually(WAIT, "strait is ready", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { support::get(&c, &url).await.status == 200 }
-    })
-    .await;
 }
 
 /// Waits until requests for `host` get `status` with a body for which `body` holds.
@@ -233,7 +223,7 @@ async fn named_target_ports_resolve_per_slice_and_exact_beats_prefix() {
         ],
     ));
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
 
     let seen = spread(&strait, "api.example.com", "/v1/items", 20).await;
     assert_eq!(seen.get("api-old"), Some(&10), "{seen:?}");
@@ -352,7 +342,7 @@ async fn only_ingresses_of_our_class_are_served_and_the_default_class_takes_clas
     let (_pods, _ups, route) = ours_and_theirs(&api);
     api.apply(k8s::ingress("apps", "classless", None, "none.test", &route));
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let c = client();
     let status = |host: &'static str| {
         let (c, url) = (c.clone(), strait.url("/"));
@@ -396,7 +386,7 @@ async fn default_backend_takes_unmatched_requests() {
         json!({"service": {"name": "fallback", "port": {"number": 80}}});
     api.apply(ing);
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let c = client();
     assert_eq!(
         get_host(&c, &strait.url("/app/x"), "site.test").await.body,
@@ -462,7 +452,7 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
         &to("missing"),
     ));
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let c = client();
     assert_eq!(
         get_host(&c, &strait.url("/"), "shop.test").await.body,
@@ -529,7 +519,7 @@ async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
     backed_service(&api, "web", "http", &ready(&pods[..1]));
     api.apply(k8s::ingress("apps", "web", Some("strait"), "", &to("web")));
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
 
     // Load: 4 clients, bounded by count and time, counting every non-200.
     let failures = Arc::new(AtomicUsize::new(0));
@@ -655,7 +645,7 @@ async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_tabl
         ));
     }
     let first = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&first).await;
+    first.wait_ready().await;
     drop(first); // killed, as a crashed pod
 
     // The replacement starts while the API refuses every request; it must not serve.
@@ -665,7 +655,7 @@ async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_tabl
     let r = support::get(&c, &second.admin_url("/ready")).await;
     assert_eq!(r.status, 503, "not ready without the API: {}", r.body);
     api.set_unavailable(false);
-    wait_ready(&second).await;
+    second.wait_ready().await;
     let published: Vec<serde_json::Value> = second
         .log
         .lock()
@@ -689,7 +679,7 @@ async fn served_ingresses_get_the_published_address_in_their_status() {
     let (api, dir) = cluster().await;
     let (_pods, _ups, _) = ours_and_theirs(&api);
     let strait = k8s::controller(&api, &dir, &["--publish-address", "203.0.113.9"]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let ip = |name: &str| {
         api.get("ingresses", "apps", name).unwrap()["status"]["loadBalancer"]["ingress"][0]["ip"]
             .as_str()
@@ -758,7 +748,7 @@ async fn service_names_route_grpc_per_request_over_every_ready_pod() {
     svc["spec"]["ports"][0]["appProtocol"] = json!("kubernetes.io/h2c");
     api.apply(svc);
     let strait = k8s::controller(&api, &dir, &["--service-addr", "127.0.0.1:0"]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let addr = strait
         .listeners
         .iter()
@@ -804,7 +794,7 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
         &ready(&pods),
     ));
     let strait = k8s::controller(&api, &dir, &[]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
 
     // Each new connection is relayed byte for byte to one pod (HTTP here, any protocol there).
     let seen = support::bodies_over_fresh_connections(port, 10).await;
@@ -861,7 +851,7 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
         "kubernetes:\n  enabled: true\n  debounce: 10ms\nlisteners:\n  - name: health\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: \"static ok\"}\n",
     );
     let strait = k8s::controller(&api, &dir, &["--config", config.to_str().unwrap()]).await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let addr = |name: &str| {
         strait
             .listeners

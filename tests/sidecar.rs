@@ -14,16 +14,6 @@ use support::{client, eventually, get_host, tempdir, Binary, Upstream};
 
 const WAIT: Duration = Duration::from_secs(15);
 
-async fn wait_ready(strait: &Binary) {
-    let c = client();
-    let url = strait.admin_url("/ready");
-    eventually(WAIT, "the sidecar is ready", || {
-        let (c, url) = (c.clone(), url.clone());
-        async move { support::get(&c, &url).await.status == 200 }
-    })
-    .await;
-}
-
 async fn metrics(strait: &Binary) -> String {
     support::get(&client(), &strait.admin_url("/metrics"))
         .await
@@ -58,7 +48,7 @@ async fn inbound_forwards_to_the_app_on_loopback_with_metrics_access_log_and_rat
         ],
     )
     .await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let inbound = format!("http://{}/hello", strait.listener("sidecar-inbound"));
 
     // Any host, any path: the app gets them all.
@@ -148,7 +138,7 @@ async fn outbound_routes_by_service_name_per_request_with_retries() {
         ],
     )
     .await;
-    wait_ready(&strait).await;
+    strait.wait_ready().await;
     let outbound = format!("http://{}/", strait.listener("kubernetes-services"));
 
     // One keep-alive connection, as an application's HTTP client keeps; each request is

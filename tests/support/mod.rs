@@ -514,6 +514,17 @@ impl Binary {
         assert!(ok, "kill -s {sig} {pid}");
     }
 
+    /// Waits (15 s at most) until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let c = client();
+        let url = self.admin_url("/ready");
+        eventually(Duration::from_secs(15), "strait is ready", || {
+            let (c, url) = (c.clone(), url.clone());
+            async move { get(&c, &url).await.status == 200 }
+        })
+        .await;
+    }
+
     pub fn logged(&self, needle: &str) -> bool {
         self.log.lock().unwrap().iter().any(|l| l.contains(needle))
     }
