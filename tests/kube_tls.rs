@@ -59,14 +59,7 @@ async fn shop(annotations: Value) -> (KubeApi, Pod, Upstream) {
     api.apply(k8s::namespace("apps"));
     let pod = Pod::create();
     let up = pod.upstream_on("web-0", 8080);
-    api.apply(k8s::service("apps", "web", &[("", 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        "web-a",
-        "web",
-        &[("", 8080)],
-        &[(pod.ip(), k8s::READY)],
-    ));
+    k8s::backed_service(&api, "web", "", &[(pod.ip(), k8s::READY)]);
     let mut ing = documented_ingress();
     ing["metadata"]["annotations"] = annotations;
     api.apply(ing);

@@ -41,30 +41,12 @@ fn pods(name: &str, n: usize) -> (Vec<Pod>, Vec<Upstream>) {
     (pods, ups)
 }
 
-/// Service `name` (port 80 named `port_name`, target 8080) with one EndpointSlice of these
-/// endpoints on [`PORT`].
-fn backed_service(
-    api: &KubeApi,
-    name: &str,
-    port_name: &str,
-    endpoints: &[(std::net::IpAddr, k8s::Cond)],
-) {
-    api.apply(k8s::service("apps", name, &[(port_name, 80, "8080")]));
-    api.apply(k8s::slice(
-        "apps",
-        &format!("{name}-a"),
-        name,
-        &[(port_name, PORT)],
-        endpoints,
-    ));
-}
-
 /// A pod behind Service `web`, an IngressClass of another controller, and Ingresses `ours`
 /// (host ours.test) and `theirs` (theirs.test, the other class) with the same route.
 fn ours_and_theirs(api: &KubeApi) -> (Vec<Pod>, Vec<Upstream>, [Path<'static>; 1]) {
     let (pods, ups) = pods("web", 1);
     api.apply(k8s::ingress_class("nginx", "k8s.io/ingress-nginx", false));
-    backed_service(api, "web", "", &ready(&pods));
+    k8s::backed_service(api, "web", "", &ready(&pods));
     let route = to("web");
     api.apply(k8s::ingress(
         "apps",
@@ -93,7 +75,7 @@ async fn web_behind(
     host: &str,
 ) -> (Binary, Vec<Pod>, Vec<Upstream>) {
     let (pods, ups) = pods("web", n);
-    backed_service(api, "web", port_name, &ready(&pods));
+    k8s::backed_service(api, "web", port_name, &ready(&pods));
     api.apply(k8s::ingress(
         "apps",
         "web",
@@ -242,7 +224,7 @@ async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_res
     assert_eq!(spread(&strait, "x", "/", 10).await.len(), 2);
 
     // web-1 fails its readiness probe: no new requests reach it.
-    backed_service(
+    k8s::backed_service(
         &api,
         "web",
         "http",
@@ -254,7 +236,7 @@ async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_res
 
     // Both terminating but still serving, none ready: they keep answering (kube-proxy's
     // fallback) instead of the route failing.
-    backed_service(
+    k8s::backed_service(
         &api,
         "web",
         "http",
@@ -275,7 +257,7 @@ async fn not_ready_pods_get_no_new_traffic_and_terminating_ones_are_the_last_res
     // A ready pod appears: terminating ones stop getting new requests.
     let newcomer = Pod::create();
     let _un = newcomer.upstream_on("web-new", PORT);
-    backed_service(
+    k8s::backed_service(
         &api,
         "web",
         "http",
@@ -316,7 +298,7 @@ async fn a_terminating_endpoint_finishes_its_in_flight_request() {
     ups[0].wait_for_hits(1).await;
     ups[1].wait_for_hits(1).await;
     // web-1 starts terminating while its request is in flight.
-    backed_service(
+    k8s::backed_service(
         &api,
         "web",
         "http",
@@ -373,8 +355,8 @@ async fn default_backend_takes_unmatched_requests() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("fallback", 1);
     let (web_pods, _web_ups) = pods_named("web", 1);
-    backed_service(&api, "fallback", "", &ready(&pods));
-    backed_service(&api, "web", "", &ready(&web_pods));
+    k8s::backed_service(&api, "fallback", "", &ready(&pods));
+    k8s::backed_service(&api, "web", "", &ready(&web_pods));
     let mut ing = k8s::ingress(
         "apps",
         "site",
@@ -411,8 +393,8 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
     let (api, dir) = cluster().await;
     let (a_pods, _a) = pods("first", 1);
     let (b_pods, _b) = pods("second", 1);
-    backed_service(&api, "first", "", &ready(&a_pods));
-    backed_service(&api, "second", "", &ready(&b_pods));
+    k8s::backed_service(&api, "first", "", &ready(&a_pods));
+    k8s::backed_service(&api, "second", "", &ready(&b_pods));
     // Created first: it keeps the host and path.
     api.apply(k8s::ingress(
         "apps",
@@ -498,7 +480,7 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
 
     // The Service appears: the broken Ingress starts working, the others keep working.
     let (m_pods, _m) = pods("missing", 1);
-    backed_service(&api, "missing", "", &ready(&m_pods));
+    k8s::backed_service(&api, "missing", "", &ready(&m_pods));
     until(
         &strait,
         "broken.test",
@@ -516,7 +498,7 @@ async fn conflicting_ingresses_go_to_the_oldest_and_a_broken_one_gets_an_event()
 async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
     let (api, dir) = cluster().await;
     let (pods, ups) = pods("web", 4);
-    backed_service(&api, "web", "http", &ready(&pods[..1]));
+    k8s::backed_service(&api, "web", "http", &ready(&pods[..1]));
     api.apply(k8s::ingress("apps", "web", Some("strait"), "", &to("web")));
     let strait = k8s::controller(&api, &dir, &[]).await;
     strait.wait_ready().await;
@@ -551,11 +533,11 @@ async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
     // Scale up 1 -> 4, then down 4 -> 2 (the removed pods drain: they stay up, as pods do
     // during their grace period).
     for n in [2, 3, 4] {
-        backed_service(&api, "web", "http", &ready(&pods[..n]));
+        k8s::backed_service(&api, "web", "http", &ready(&pods[..n]));
         ups[n - 1].wait_for_hits(5).await;
     }
     let hits_before: Vec<usize> = ups.iter().map(Upstream::hits).collect();
-    backed_service(&api, "web", "http", &ready(&pods[..2]));
+    k8s::backed_service(&api, "web", "http", &ready(&pods[..2]));
     // Once the new table is in force, the removed pods' counts stop moving.
     let c = client();
     let url = strait.url("/");
@@ -634,7 +616,7 @@ async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_afte
 async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_table() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("web", 1);
-    backed_service(&api, "web", "", &ready(&pods));
+    k8s::backed_service(&api, "web", "", &ready(&pods));
     for i in 0..20 {
         api.apply(k8s::ingress(
             "apps",
@@ -838,7 +820,7 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
 async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     let (api, dir) = cluster().await;
     let (pods, _ups) = pods("web", 1);
-    backed_service(&api, "web", "", &ready(&pods));
+    k8s::backed_service(&api, "web", "", &ready(&pods));
     api.apply(k8s::ingress(
         "apps",
         "web",

@@ -206,3 +206,21 @@ impl Binary {
             .1
     }
 }
+
+/// Service `name` in `apps` (port 80 named `port_name`, target 8080) with one EndpointSlice
+/// of these endpoints on port 8080.
+pub fn backed_service(
+    api: &KubeApi,
+    name: &str,
+    port_name: &str,
+    endpoints: &[(std::net::IpAddr, Cond)],
+) {
+    api.apply(service("apps", name, &[(port_name, 80, "8080")]));
+    api.apply(slice(
+        "apps",
+        &format!("{name}-a"),
+        name,
+        &[(port_name, 8080)],
+        endpoints,
+    ));
+}
