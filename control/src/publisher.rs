@@ -193,16 +193,9 @@ impl Publisher {
     /// Drops live state no table uses any more and starts or stops what follows the table
     /// (health checks, DNS lookups).
     fn after_publish(&mut self, spec: &Arc<Spec>, source: &str) {
-        let live: Vec<_> = self
-            .handle
-            .current()
-            .iter()
-            .flat_map(|t| t.backends.iter().filter_map(|b| b.client_key.clone()))
-            .collect();
         self.registries.endpoints.prune();
         self.registries.rate_limits.prune();
         self.registries.metrics.prune();
-        self.registries.clients.retain_backends(&live);
         self.registries.backends.prune();
         if let Some(table) = self.handle.current() {
             self.health.sync(&table);

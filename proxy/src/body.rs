@@ -134,6 +134,9 @@ pub struct Completion {
     pub backend_slot: Option<crate::breaker::Slot>,
     /// Response body bytes sent.
     pub bytes: u64,
+    /// The keep-alive connection the response came on, handed back to its pool once the
+    /// body has been read to the end.
+    pub conn: Option<crate::pool::PooledConn>,
 }
 
 impl Drop for Completion {
@@ -213,6 +216,18 @@ impl ObservedBody {
     }
 }
 
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        // hyper stops polling a body that says it has ended (a length reached, or no body at
+        // all, as for HEAD and 204), so the end can be seen only here.
+        if let Some(c) = self.done.as_mut().and_then(|d| d.conn.take()) {
+            if self.inner.is_end_stream() {
+                c.release();
+            }
+        }
+    }
+}
+
 impl Body for ObservedBody {
     type Data = Bytes;
     type Error = hyper::Error;
@@ -229,7 +244,13 @@ impl Body for ObservedBody {
                     d.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(None) => {
+                if let Some(c) = this.done.as_mut().and_then(|d| d.conn.take()) {
+                    c.release();
+                }
+                this.done.take();
+            }
+            Poll::Ready(Some(Err(_))) => {
                 this.done.take();
             }
             Poll::Pending => {}

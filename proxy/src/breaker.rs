@@ -4,24 +4,12 @@
 //! registry keyed by backend name, so a reload does not reset them.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
-use std::time::Duration;
 
-use hyper::rt::{Read, ReadBufCursor, Write};
-use hyper::Uri;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_rustls::client::TlsStream;
 
 use crate::table::spec::CircuitBreakerSpec;
-use crate::upstream_tls::{TlsConnectError, UpstreamTls};
 
 /// Which threshold turned a request away; the value of the `x-strait-circuit-breaker`
 /// response header and of the `breaker` metric label.
@@ -36,11 +24,6 @@ pub enum Breaker {
     /// `max_connections`: no connection slot freed up within the connect timeout.
     MaxConnections,
 }
-
-/// A connect that found every connection slot taken for its whole connect timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("circuit breaker max_connections: no connection slot within the connect timeout")]
-pub struct ConnectionLimit;
 
 impl Breaker {
     /// The threshold's name as configured.
@@ -143,10 +126,14 @@ impl BackendState {
     }
 
     /// Waits for a connection slot. The wait is bounded in number, not time: requests past
-    /// `max_connections + max_pending_requests` are refused before they get here, and a
-    /// request that gets a pooled connection meanwhile stops waiting (the route timeout
-    /// bounds the rest).
-    async fn connection_slot(self: &Arc<Self>) -> ConnectionSlot {
+    /// `max_connections + max_pending_requests` are refused before they get here, and the
+    /// caller stops waiting when a pooled connection is handed back meanwhile or its
+    /// connect timeout passes.
+    pub(crate) async fn connection_slot(self: &Arc<Self>) -> ConnectionSlot {
+        // The common case first, without registering a waiter.
+        if let Some(slot) = self.try_connection_slot() {
+            return slot;
+        }
         loop {
             // Register before checking, so a close between the check and the wait is seen.
             let closed = self.connection_closed.notified();
@@ -160,6 +147,17 @@ impl BackendState {
             }
             closed.await;
         }
+    }
+}
+
+impl BackendState {
+    /// A connection slot if one is free now.
+    pub(crate) fn try_connection_slot(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        take(
+            &self.connections,
+            self.max_connections.load(Ordering::Relaxed),
+        )
+        .then(|| ConnectionSlot(Arc::clone(self)))
     }
 }
 
@@ -193,7 +191,7 @@ impl Drop for Slot {
 
 /// One open upstream connection, released when the connection is dropped.
 #[derive(Debug)]
-struct ConnectionSlot(Arc<BackendState>);
+pub(crate) struct ConnectionSlot(Arc<BackendState>);
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
@@ -224,167 +222,6 @@ impl BackendRegistry {
     pub fn prune(&self) {
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, w| w.strong_count() > 0);
-    }
-}
-
-/// The HTTP/1.1 client's connector: a TCP connect that first takes a connection slot of
-/// the backend, so `max_connections` and `max_pending_requests` hold whatever the pool does;
-/// for a backend with `tls`, the TLS handshake follows on the same slot.
-#[derive(Debug, Clone)]
-pub struct LimitedConnector {
-    inner: HttpConnector,
-    state: Arc<BackendState>,
-    /// TLS settings and the handshake timeout.
-    tls: Option<(Arc<UpstreamTls>, Duration)>,
-    /// Longest wait for a connection slot.
-    wait: Duration,
-}
-
-impl LimitedConnector {
-    /// Wraps `inner`, counting its connections against `state`.
-    /// Waiting for a connection slot is bounded by `wait` (the backend's connect timeout):
-    /// idle pooled connections hold slots too, and a wait must not outlive its request.
-    pub fn new(inner: HttpConnector, state: Arc<BackendState>, wait: Duration) -> Self {
-        Self {
-            inner,
-            state,
-            tls: None,
-            wait,
-        }
-    }
-
-    /// Makes every connection TLS, each handshake allowed `timeout`.
-    pub fn with_tls(mut self, tls: Arc<UpstreamTls>, timeout: Duration) -> Self {
-        self.tls = Some((tls, timeout));
-        self
-    }
-}
-
-impl tower_service::Service<Uri> for LimitedConnector {
-    type Response = LimitedConnection;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-    type Future =
-        Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mut inner = self.inner.clone();
-        let state = Arc::clone(&self.state);
-        let tls = self.tls.clone();
-        let wait = self.wait;
-        Box::pin(async move {
-            let slot = tokio::time::timeout(wait, state.connection_slot())
-                .await
-                .map_err(|_| ConnectionLimit)?;
-            let io = inner.call(uri).await?;
-            let io = match tls {
-                None => Io::Plain(io),
-                Some((tls, timeout)) => {
-                    let tcp = io.into_inner();
-                    let addr = tcp.peer_addr()?;
-                    let stream = tls.connect(tcp, addr, timeout).await.map_err(|e| {
-                        // A timeout must read as one, so the request gets 504 like a
-                        // TCP connect timeout.
-                        let boxed: Self::Error = match e {
-                            TlsConnectError::Timeout { .. } => {
-                                Box::new(io::Error::new(io::ErrorKind::TimedOut, e))
-                            }
-                            e => Box::new(e),
-                        };
-                        boxed
-                    })?;
-                    Io::Tls(Box::new(TokioIo::new(stream)))
-                }
-            };
-            Ok(LimitedConnection { io, _slot: slot })
-        })
-    }
-}
-
-/// A plain or TLS upstream connection. The TLS state is boxed: it is large, and plain
-/// connections should not carry its size.
-#[derive(Debug)]
-enum Io {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-/// A connection that holds its backend's connection slot.
-#[derive(Debug)]
-pub struct LimitedConnection {
-    io: Io,
-    _slot: ConnectionSlot,
-}
-
-impl Connection for LimitedConnection {
-    fn connected(&self) -> Connected {
-        match &self.io {
-            Io::Plain(io) => io.connected(),
-            // ALPN http/1.1 only (see `UpstreamTls`): never HTTP/2 here.
-            Io::Tls(io) => io.inner().get_ref().0.connected(),
-        }
-    }
-}
-
-/// Forwards an I/O call to whichever stream the connection has.
-macro_rules! io_call {
-    ($self:ident, $io:ident => $e:expr) => {
-        match &mut $self.get_mut().io {
-            Io::Plain($io) => {
-                let $io = Pin::new($io);
-                $e
-            }
-            Io::Tls($io) => {
-                let $io = Pin::new(&mut **$io);
-                $e
-            }
-        }
-    };
-}
-
-impl Read for LimitedConnection {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        io_call!(self, io => io.poll_read(cx, buf))
-    }
-}
-
-impl Write for LimitedConnection {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        io_call!(self, io => io.poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        io_call!(self, io => io.poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        match &self.io {
-            Io::Plain(io) => io.is_write_vectored(),
-            Io::Tls(io) => io.is_write_vectored(),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        io_call!(self, io => io.poll_flush(cx))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        io_call!(self, io => io.poll_shutdown(cx))
     }
 }
 

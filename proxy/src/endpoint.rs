@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::breaker::BackendState;
 use crate::health::{Health, HealthSnapshot};
+use crate::pool::Http1Pool;
 use crate::upstream::H2Slot;
 
 /// Latency assumed for an endpoint that has not answered yet (linkerd uses the same idea),
@@ -39,6 +40,8 @@ pub struct EndpointState {
     stamp_ns: AtomicU64,
     /// The multiplexed HTTP/2 connection, for `h2c` backends.
     pub(crate) h2: H2Slot,
+    /// Idle keep-alive connections, for `http1` backends.
+    pub(crate) http1: Http1Pool,
     /// Outlier-detection and health-check verdicts.
     pub health: Health,
 }
@@ -56,6 +59,7 @@ impl EndpointState {
             ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             stamp_ns: AtomicU64::new(clock_ns()),
             h2: H2Slot::default(),
+            http1: Http1Pool::default(),
             health: Health::new(backend),
         }
     }

@@ -16,6 +16,7 @@ pub mod listener;
 pub mod metrics;
 pub mod names;
 pub mod passthrough;
+pub mod pool;
 pub mod rate_limit;
 pub mod router;
 pub mod service;

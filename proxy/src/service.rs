@@ -27,7 +27,8 @@ use crate::table::{
     TableHandle,
 };
 use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
-use crate::upstream::{send_http1, Upstream};
+use crate::pool::{self, PooledConn};
+use crate::upstream::Upstream;
 
 /// What every request on one downstream connection shares.
 #[derive(Debug)]
@@ -198,6 +199,7 @@ async fn proxy(
         in_flight: None,
         backend_slot: None,
         bytes: 0,
+        conn: None,
     };
 
     let (route, target) = match found {
@@ -285,8 +287,8 @@ async fn forward(
     };
     let backend = &*backend;
     done.metrics = metrics;
-    let pooled = matches!(backend.upstream, Upstream::Http1(_));
-    match backend.state.try_request(&backend.breaker, pooled) {
+    let http1 = matches!(backend.upstream, Upstream::Http1(_));
+    match backend.state.try_request(&backend.breaker, http1) {
         Ok(slot) => done.backend_slot = Some(slot),
         Err(b) => return fail(breaker_open(backend, b), version, backend, done),
     }
@@ -337,8 +339,8 @@ async fn forward(
     // HTTP/2 carries the host in :authority; a Host header that differs from it makes the
     // request malformed (RFC 9113 section 8.3.1). A route's Host rewrite has been applied to
     // the headers by now, so it wins over the client's host.
-    // HTTP/2 sends the scheme as :scheme: https when the upstream connection is TLS. The
-    // pooled HTTP/1.1 client keys its pool by scheme, and its connector adds TLS itself.
+    // HTTP/2 sends the scheme as :scheme: https when the upstream connection is TLS;
+    // HTTP/1.1 sends neither scheme nor authority in the request line.
     let scheme = match &backend.upstream {
         Upstream::H2 { tls: Some(_), .. } => Scheme::HTTPS,
         _ => Scheme::HTTP,
@@ -366,7 +368,9 @@ async fn forward(
 
     let policy = route.retry.as_ref().filter(|_| !upgrade);
     let mut sendable = match policy {
-        Some(p) => match Sendable::replayable(parts, body, p.buffer_bytes).await {
+        // Boxed, as the other awaits only some requests make: each would otherwise make
+        // every request's future larger, and that future is moved.
+        Some(p) => match Box::pin(Sendable::replayable(parts, body, p.buffer_bytes)).await {
             Ok(s) => s,
             Err(e) => return finish_error(e, version, done),
         },
@@ -378,6 +382,8 @@ async fn forward(
     let mut retries = 0u32;
     let mut retry_slot = None;
     let mut last = None;
+    // The keep-alive connection of the last attempt's response (`http1`).
+    let mut conn = None;
     let (ep, in_flight, mut resp) = loop {
         let Some(i) = pick_endpoint(backend, hash, last) else {
             let err = ProxyError::NoEndpoints(backend.unavailable_reason());
@@ -386,18 +392,21 @@ async fn forward(
         last = Some(i);
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
-        let Some(upstream_req) = sendable.next(ep, h2_authority.as_ref(), scheme.clone()) else {
+        let Some(upstream_req) = sendable.next(ep, http1, h2_authority.as_ref(), scheme.clone()) else {
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();
         let mut result = attempt(backend, ep, upstream_req, deadline, policy)
             .await
-            .map(|r| r.map(ProxyBody::Upstream));
+            .map(|(r, c)| {
+                conn = c;
+                r.map(ProxyBody::Upstream)
+            });
         if let (Ok(r), Some(p)) = (&mut result, policy) {
             // Worth reading ahead only when a gRPC failure could still be retried.
             let could_retry = retries < p.retries && sendable.replays() && may_retry_status;
             if could_retry && !p.grpc_statuses.is_empty() {
-                if let Err(e) = read_grpc_status(r, ep, p.per_try_timeout).await {
+                if let Err(e) = Box::pin(read_grpc_status(r, ep, p.per_try_timeout)).await {
                     result = Err(e);
                 }
             }
@@ -422,7 +431,7 @@ async fn forward(
                 metrics::counter!(crate::metrics::RETRIES, "backend" => backend.name.to_string())
                     .increment(1);
                 let p = policy.expect("retries need a policy");
-                if backoff(p, retries, deadline).await {
+                if Box::pin(backoff(p, retries, deadline)).await {
                     continue;
                 }
             } else {
@@ -447,10 +456,12 @@ async fn forward(
             return fail(err, version, backend, done);
         };
         let up = hyper::upgrade::on(&mut resp);
-        // The tunnel holds the endpoint's in-flight slot for as long as it lasts.
+        // The tunnel holds the endpoint's in-flight slot for as long as it lasts; the
+        // connection is the tunnel's now, never pooled again.
         tokio::spawn(tunnel(down, up, ep.addr, in_flight));
     } else {
         done.in_flight = Some(in_flight);
+        done.conn = conn;
     }
     *resp.version_mut() = version;
     finish_response(route, &mut resp, &done);
@@ -466,19 +477,21 @@ async fn attempt(
     req: Request<ProxyBody>,
     deadline: Option<(tokio::time::Instant, Duration)>,
     policy: Option<&RetryPolicy>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<(Response<Incoming>, Option<PooledConn>), ProxyError> {
     let send = async {
         match &backend.upstream {
-            Upstream::Http1(client) => send_http1(client, ep.addr, req).await,
+            Upstream::Http1(settings) => pool::send(&ep.state, &backend.state, settings, req)
+                .await
+                .map(|(r, c)| (r, Some(c))),
             Upstream::H2 {
                 connect_timeout,
                 tls,
-            } => {
-                ep.state
-                    .h2
-                    .send(ep.addr, *connect_timeout, tls.as_deref(), req)
-                    .await
-            }
+            } => ep
+                .state
+                .h2
+                .send(ep.addr, *connect_timeout, tls.as_deref(), req)
+                .await
+                .map(|r| (r, None)),
         }
     };
     let per_try = policy
@@ -766,6 +779,7 @@ impl Sendable {
     fn next(
         &mut self,
         ep: &Endpoint,
+        http1: bool,
         h2_authority: Option<&Authority>,
         scheme: Scheme,
     ) -> Option<Request<ProxyBody>> {
@@ -787,6 +801,15 @@ impl Sendable {
                 r
             }
         };
+        if http1 {
+            // Origin-form on the wire, as a client sends to a server; a request that came
+            // without any host names the endpoint, as hyper's pooled client did.
+            if !req.headers().contains_key(header::HOST) {
+                let host = HeaderValue::from_str(ep.authority.as_str()).ok()?;
+                req.headers_mut().insert(header::HOST, host);
+            }
+            return Some(req);
+        }
         let authority = h2_authority.unwrap_or(&ep.authority).clone();
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
         uri.scheme = Some(scheme);

@@ -1,40 +1,33 @@
 //! Connections to upstream endpoints.
 //!
-//! HTTP/1.1 goes through hyper-util's pooled client, one per backend and settings, kept across
-//! table generations so a reload does not drop warm keep-alive connections. `h2c` backends
-//! get one multiplexed HTTP/2 connection per endpoint, held in the endpoint's state; we keep
-//! that connection ourselves so the request's `:authority` can stay the client's host while
-//! the socket goes to the endpoint's address. Both go over TLS when the backend has `tls`
-//! (`h2` is `h2c`'s connection over TLS).
+//! HTTP/1.1 goes over keep-alive connections pooled per endpoint ([`crate::pool`]), kept in
+//! the endpoint's state across table generations so a reload does not drop warm connections.
+//! `h2c` backends get one multiplexed HTTP/2 connection per endpoint, held in the endpoint's
+//! state; we keep that connection ourselves so the request's `:authority` can stay the
+//! client's host while the socket goes to the endpoint's address. Both go over TLS when the
+//! backend has `tls` (`h2` is `h2c`'s connection over TLS).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use hyper::body::Incoming;
 use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 
 use crate::body::ProxyBody;
-use crate::breaker::{BackendState, Breaker, ConnectionLimit, LimitedConnector};
 use crate::error::ProxyError;
-use crate::table::spec::{PoolSpec, UpstreamProtocol};
+use crate::pool::Http1Settings;
 use crate::upstream_tls::{TlsConnectError, UpstreamTls};
-
-/// The pooled HTTP/1.1 client.
-pub type Http1Client = Client<LimitedConnector, ProxyBody>;
 
 /// How a backend's requests are sent.
 #[derive(Debug, Clone)]
 pub enum Upstream {
-    /// Pooled HTTP/1.1, over TLS or not (boxed: the client is large and backends are few).
-    Http1(Box<Http1Client>),
+    /// HTTP/1.1 over keep-alive connections pooled per endpoint, over TLS or not.
+    Http1(Http1Settings),
     /// HTTP/2, one connection per endpoint: `h2c` (prior knowledge) or `h2` (TLS with ALPN).
     H2 {
         /// TCP connect timeout (and TLS handshake timeout).
@@ -42,113 +35,6 @@ pub enum Upstream {
         /// TLS settings for `h2`; `None` for `h2c`.
         tls: Option<Arc<UpstreamTls>>,
     },
-}
-
-/// Settings that identify a reusable HTTP/1.1 client. TLS is part of it, so a pool never
-/// mixes plain and TLS connections, and changed TLS settings or files get a new pool.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ClientKey {
-    backend: Arc<str>,
-    protocol: UpstreamProtocol,
-    pool: PoolSpec,
-    connect_timeout: Duration,
-    /// [`UpstreamTls::fingerprint`].
-    tls: Option<u64>,
-}
-
-impl ClientKey {
-    /// The key of a backend's HTTP/1.1 client.
-    pub fn new(
-        backend: &Arc<str>,
-        protocol: UpstreamProtocol,
-        pool: &PoolSpec,
-        connect_timeout: Duration,
-        tls: Option<&UpstreamTls>,
-    ) -> Self {
-        Self {
-            backend: Arc::clone(backend),
-            protocol,
-            pool: pool.clone(),
-            connect_timeout,
-            tls: tls.map(UpstreamTls::fingerprint),
-        }
-    }
-}
-
-/// Clients kept across table generations, keyed by backend and settings.
-#[derive(Debug, Default)]
-pub struct ClientRegistry {
-    clients: Mutex<HashMap<ClientKey, Http1Client>>,
-}
-
-impl ClientRegistry {
-    /// The upstream for a backend, reusing the previous generation's pool when the settings
-    /// are unchanged.
-    /// `key` is the backend's [`ClientKey`], made from the same settings.
-    pub fn get(
-        &self,
-        key: &ClientKey,
-        tls: Option<&Arc<UpstreamTls>>,
-        state: &Arc<BackendState>,
-    ) -> Upstream {
-        if key.protocol != UpstreamProtocol::Http1 {
-            return Upstream::H2 {
-                connect_timeout: key.connect_timeout,
-                tls: tls.cloned(),
-            };
-        }
-        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        let client = map.entry(key.clone()).or_insert_with(|| {
-            let mut conn = HttpConnector::new();
-            conn.set_nodelay(true);
-            conn.set_connect_timeout(Some(key.connect_timeout));
-            let mut connector = LimitedConnector::new(conn, Arc::clone(state), key.connect_timeout);
-            if let Some(tls) = tls {
-                connector = connector.with_tls(Arc::clone(tls), key.connect_timeout);
-            }
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(key.pool.idle_timeout)
-                .pool_max_idle_per_host(key.pool.max_idle_per_endpoint)
-                .build(connector)
-        });
-        Upstream::Http1(Box::new(client.clone()))
-    }
-
-    /// Drops clients whose backend settings are no longer in use.
-    pub fn retain_backends(&self, live: &[ClientKey]) {
-        // A set: thousands of backends (a cluster's Services) made a list scan quadratic.
-        let live: std::collections::HashSet<&ClientKey> = live.iter().collect();
-        let mut map = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|k, _| live.contains(k));
-    }
-}
-
-/// Sends a request over the pooled HTTP/1.1 client.
-pub async fn send_http1(
-    client: &Http1Client,
-    addr: SocketAddr,
-    req: Request<ProxyBody>,
-) -> Result<Response<Incoming>, ProxyError> {
-    client.request(req).await.map_err(|e| {
-        if e.is_connect() {
-            if caused_by::<ConnectionLimit>(&e) {
-                ProxyError::CircuitOpen(Breaker::MaxConnections)
-            } else if has_timed_out(&e) {
-                ProxyError::ConnectTimeout { addr }
-            } else {
-                ProxyError::Connect {
-                    addr,
-                    reason: root_cause(&e),
-                }
-            }
-        } else {
-            ProxyError::Upstream {
-                addr,
-                reason: root_cause(&e),
-            }
-        }
-    })
 }
 
 /// The multiplexed HTTP/2 connection of one endpoint.
@@ -185,6 +71,17 @@ impl H2Slot {
         if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
             return Ok(s);
         }
+        // Boxed: the connect is a large future, needed once per connection.
+        Box::pin(self.reconnect(addr, connect_timeout, tls, want)).await
+    }
+
+    async fn reconnect(
+        &self,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        tls: Option<&UpstreamTls>,
+        want: u64,
+    ) -> Result<SendRequest<ProxyBody>, ProxyError> {
         let _one = self.connecting.lock().await;
         if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
             return Ok(s);
@@ -271,33 +168,8 @@ where
     Ok(sender)
 }
 
-/// Whether an error of type `T` is in `e`'s source chain.
-fn caused_by<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-fn has_timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
-}
-
 /// The innermost error's message: what a user needs ("Connection refused"), not the wrappers.
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cur = e;
     while let Some(next) = cur.source() {
         cur = next;

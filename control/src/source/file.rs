@@ -262,6 +262,14 @@ backends:
     }
 
     #[test]
+    fn a_pool_idle_timeout_of_zero_is_refused_in_place() {
+        let d = errors("backends:\n  - name: api\n    pool:\n      idle_timeout: 0s\n    endpoints: [\"127.0.0.1:80\"]\n");
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert_eq!(d[0].line, 4, "{d:#?}");
+        assert!(d[0].message.contains("max_idle_per_endpoint: 0"), "{d:#?}");
+    }
+
+    #[test]
     fn checks_rate_limits() {
         let text = "\
 listeners:

@@ -35,7 +35,8 @@ use crate::names::{DnsName, NameRegistry, Phase};
 use crate::passthrough::SniRoutes;
 use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
-use crate::upstream::{ClientKey, ClientRegistry, Upstream};
+use crate::pool::Http1Settings;
+use crate::upstream::Upstream;
 use crate::upstream_tls::UpstreamTls;
 
 /// Route timeout when none is configured (Envoy's default too).
@@ -58,8 +59,6 @@ pub struct CompileError {
 pub struct Registries {
     /// Endpoint state by backend and address.
     pub endpoints: EndpointRegistry,
-    /// Pooled clients by backend and settings.
-    pub clients: ClientRegistry,
     /// DNS names of backends and their last answers.
     pub names: NameRegistry,
     /// Circuit breaker and ejection counters by backend.
@@ -388,28 +387,32 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
     if b.connect_timeout.is_zero() {
         cx.err(format!("{path}.connect_timeout"), "must be greater than 0s");
     }
+    if b.pool.idle_timeout.is_zero() {
+        cx.err(
+            format!("{path}.pool.idle_timeout"),
+            "must be greater than 0s (to keep no idle connections, set max_idle_per_endpoint: 0)",
+        );
+    }
     let tls = compile_upstream_tls(cx, path, b, dns.as_deref());
     if cx.errors.len() > errors_before {
         return None;
     }
-    let client_key = ClientKey::new(
-        &name,
-        b.protocol,
-        &b.pool,
-        b.connect_timeout,
-        tls.as_deref(),
-    );
-    let upstream = match cx.registries {
-        Some(r) => {
-            backend_state.set_limits(&b.circuit_breaker);
-            if b.outlier_detection.is_none() {
-                for e in &endpoints {
-                    e.state.health.clear_ejection();
-                }
+    if cx.registries.is_some() {
+        backend_state.set_limits(&b.circuit_breaker);
+        if b.outlier_detection.is_none() {
+            for e in &endpoints {
+                e.state.health.clear_ejection();
             }
-            r.clients.get(&client_key, tls.as_ref(), &backend_state)
         }
-        None => Upstream::H2 {
+    }
+    let upstream = match b.protocol {
+        UpstreamProtocol::Http1 => Upstream::Http1(Http1Settings {
+            connect_timeout: b.connect_timeout,
+            max_idle: b.pool.max_idle_per_endpoint,
+            idle_timeout: b.pool.idle_timeout,
+            tls: tls.clone(),
+        }),
+        _ => Upstream::H2 {
             connect_timeout: b.connect_timeout,
             tls: tls.clone(),
         },
@@ -425,7 +428,6 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         endpoints,
         hash_key,
         upstream,
-        client_key: (b.protocol == UpstreamProtocol::Http1).then_some(client_key),
         tls,
         connect_failures,
         connect_timeout: b.connect_timeout,

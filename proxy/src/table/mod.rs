@@ -22,7 +22,7 @@ use crate::names::{DnsName, NameStatus};
 use crate::rate_limit::RouteRateLimit;
 use crate::router::Router;
 use crate::table::spec::{CircuitBreakerSpec, HealthCheckSpec};
-use crate::upstream::{ClientKey, Upstream};
+use crate::upstream::Upstream;
 use crate::upstream_tls::UpstreamTls;
 
 pub use compile::{compile, CompileError, Registries};
@@ -353,9 +353,6 @@ pub struct Backend {
     pub hash_key: Option<HashKey>,
     /// How requests are sent.
     pub upstream: Upstream,
-    /// The key of its pooled HTTP/1.1 client (`http1` backends), so the publisher can drop
-    /// clients no table uses.
-    pub client_key: Option<ClientKey>,
     /// TLS to the endpoints, when the backend has `tls`.
     pub tls: Option<Arc<UpstreamTls>>,
     /// Connect failures counter.
