@@ -91,8 +91,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Compiles a spec. With `registries` the table shares live state and registers metrics;
-/// without, it is a dry run for validation.
+/// Compiles a spec. With `registries` the table shares live state and metric handles (whose
+/// series appear on first use); without, it is a dry run for validation.
 pub fn compile(
     spec: Arc<Spec>,
     source: &str,
