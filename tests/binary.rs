@@ -251,3 +251,27 @@ async fn file_change_reloads_and_a_bad_file_keeps_the_table() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn route_series_appear_on_the_first_request() {
+    let dir = tempdir::Dir::new("lazy-series");
+    let cfg = temp_config(
+        &dir,
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - name: hit\n        match: {exact: /hit}\n        direct_response: {status: 200}\n      - name: idle\n        match: {exact: /idle}\n        direct_response: {status: 200}\n",
+    );
+    let bin = Binary::start(&cfg).await;
+    let c = client();
+    let metrics = get(&c, &bin.admin_url("/metrics")).await.body;
+    assert!(!metrics.contains("route=\"hit\""), "{metrics}");
+    assert_eq!(get(&c, &bin.url("/hit")).await.status, 200);
+    let metrics = get(&c, &bin.admin_url("/metrics")).await.body;
+    // Every class of the route at once, so the ones not answered yet read 0.
+    for line in [
+        "strait_requests_total{listener=\"web\",route=\"hit\",backend=\"\",class=\"2xx\"} 1",
+        "strait_requests_total{listener=\"web\",route=\"hit\",backend=\"\",class=\"5xx\"} 0",
+        "strait_request_duration_seconds_count{listener=\"web\",route=\"hit\",backend=\"\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
+    assert!(!metrics.contains("route=\"idle\""), "{metrics}");
+}

@@ -111,13 +111,15 @@ pub fn spec(o: &SidecarOptions) -> Spec {
     );
     app.protocol = o.app_protocol;
     let mut inbound = RouteSpec::forward("inbound", MatchSpec::default(), APP_BACKEND);
-    inbound.rate_limit = o.rate_limit.map(|requests| RateLimitSpec {
-        requests,
-        per: Duration::from_secs(1),
-        burst: None,
-        key: Default::default(),
-        response_headers: false,
-        max_keys: None,
+    inbound.rate_limit = o.rate_limit.map(|requests| {
+        Box::new(RateLimitSpec {
+            requests,
+            per: Duration::from_secs(1),
+            burst: None,
+            key: Default::default(),
+            response_headers: false,
+            max_keys: None,
+        })
     });
     let listener = ListenerSpec {
         name: INBOUND_LISTENER.into(),

@@ -119,9 +119,10 @@ pub fn describe() {
     );
 }
 
-/// [`TargetMetrics`] by (listener, route, backend), shared across table generations:
-/// registering six series per route again on every rebuild cost more than the rest of
-/// compiling a cluster-sized table.
+/// [`TargetMetrics`] by (listener, route, backend), shared across table generations, so a
+/// route's series are looked up in the recorder once per process rather than again on the
+/// first request after every rebuild (when they were registered at compile time, doing it
+/// per rebuild cost more than the rest of compiling a cluster-sized table).
 #[derive(Debug, Default)]
 pub struct TargetMetricsRegistry {
     map: std::sync::Mutex<std::collections::HashMap<String, std::sync::Weak<TargetMetrics>>>,
@@ -147,21 +148,30 @@ impl TargetMetricsRegistry {
     }
 }
 
-/// Handles for one (listener, route, backend) triple, created when the table is compiled.
+/// Handles for one (listener, route, backend) triple. The table holds one per route and
+/// backend from compile time, but the series behind it are registered with the recorder on
+/// the triple's first request: a cluster-sized table has tens of thousands of series, most
+/// of them for routes that see little or no traffic, and the recorder's registry was a third
+/// of a compiled table's memory.
 #[derive(Debug)]
 pub struct TargetMetrics {
-    by_class: [Counter; 5],
-    duration: Histogram,
-    // Kept for exported spans, which name the route and backend without the request path
-    // cloning either name.
+    // Once set, a request's only extra cost is the acquire load that sees it is set.
+    series: std::sync::OnceLock<Series>,
+    listener: Box<str>,
+    // Also kept for exported spans, which name the route and backend without the request
+    // path cloning either name.
     route: Box<str>,
     backend: Box<str>,
 }
 
-impl TargetMetrics {
-    /// Registers the series for this triple. `backend` is empty for routes that answer
-    /// themselves (redirects, direct responses, 404s).
-    pub fn new(listener: &str, route: &str, backend: &str) -> Self {
+#[derive(Debug)]
+struct Series {
+    by_class: [Counter; 5],
+    duration: Histogram,
+}
+
+impl Series {
+    fn register(listener: &str, route: &str, backend: &str) -> Self {
         let labels = [
             ("listener", listener.to_owned()),
             ("route", route.to_owned()),
@@ -173,6 +183,8 @@ impl TargetMetrics {
             metrics::counter!(REQUESTS, &l)
         };
         Self {
+            // All five classes at once, so a route that has had traffic shows a 0 for
+            // the classes it has not answered with rather than no series.
             by_class: [
                 class("1xx"),
                 class("2xx"),
@@ -181,6 +193,18 @@ impl TargetMetrics {
                 class("5xx"),
             ],
             duration: metrics::histogram!(REQUEST_DURATION, &labels),
+        }
+    }
+}
+
+impl TargetMetrics {
+    /// Handles for this triple; nothing is registered until [`TargetMetrics::record`].
+    /// `backend` is empty for routes that answer themselves (redirects, direct responses,
+    /// 404s).
+    pub fn new(listener: &str, route: &str, backend: &str) -> Self {
+        Self {
+            series: std::sync::OnceLock::new(),
+            listener: listener.into(),
             route: route.into(),
             backend: backend.into(),
         }
@@ -199,17 +223,23 @@ impl TargetMetrics {
     /// Handles that record nothing (dry-run compiles).
     pub fn noop() -> Self {
         Self {
-            by_class: std::array::from_fn(|_| Counter::noop()),
-            duration: Histogram::noop(),
+            series: std::sync::OnceLock::from(Series {
+                by_class: std::array::from_fn(|_| Counter::noop()),
+                duration: Histogram::noop(),
+            }),
+            listener: Box::default(),
             route: Box::default(),
             backend: Box::default(),
         }
     }
 
-    /// Counts one finished request.
+    /// Counts one finished request, registering the triple's series on its first.
     pub fn record(&self, status: StatusCode, seconds: f64) {
+        let series = self
+            .series
+            .get_or_init(|| Series::register(&self.listener, &self.route, &self.backend));
         let i = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
-        self.by_class[i].increment(1);
-        self.duration.record(seconds);
+        series.by_class[i].increment(1);
+        series.duration.record(seconds);
     }
 }

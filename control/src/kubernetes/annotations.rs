@@ -138,7 +138,7 @@ impl IngressSettings {
                 route.timeout = Some(t);
             }
             if let Some(r) = &self.retry {
-                route.retry = Some(r.clone());
+                route.retry = Some(Box::new(r.clone()));
             }
             // A route without `exact` is compiled as a prefix match ("/" when it has no
             // path), which is what `rewrite_prefix` needs.
@@ -149,7 +149,7 @@ impl IngressSettings {
             }
         }
         if let Some(rl) = &self.rate_limit {
-            route.rate_limit = Some(rl.clone());
+            route.rate_limit = Some(Box::new(rl.clone()));
         }
         route.request_headers.set.extend(
             self.set_request_headers
@@ -174,7 +174,7 @@ impl IngressSettings {
             }
         }
         if let Some(h) = &self.hash {
-            backend.hash = Some(h.clone());
+            backend.hash = Some(Box::new(h.clone()));
         }
         if let Some(p) = self.protocol {
             backend.protocol = p;
@@ -194,7 +194,7 @@ impl IngressSettings {
             }
         }
         if let Some(o) = &self.outlier_detection {
-            backend.outlier_detection = Some(o.clone());
+            backend.outlier_detection = Some(Box::new(o.clone()));
         }
     }
 
@@ -1030,8 +1030,8 @@ mod tests {
         let b = &spec.backends[0];
         assert_eq!(b.policy, Policy::Maglev);
         assert_eq!(
-            b.hash,
-            Some(HashKeySpec::Cookie {
+            b.hash.as_deref(),
+            Some(&HashKeySpec::Cookie {
                 cookie: "session".into()
             })
         );
@@ -1113,10 +1113,10 @@ mod tests {
     #[test]
     fn compile_rejects_what_parse_rejects() {
         let mut s = spec();
-        Arc::make_mut(&mut s.listeners[0].routes)[0].retry = Some(RetrySpec {
+        Arc::make_mut(&mut s.listeners[0].routes)[0].retry = Some(Box::new(RetrySpec {
             retries: MAX_RETRIES + 1,
             ..RetrySpec::default()
-        });
+        }));
         assert!(strait_proxy::table::compile(Arc::new(s), "t", 1, None).is_err());
         bad_says(&[("retries", "11")], "retries", "0 to 10");
     }
@@ -1210,11 +1210,11 @@ mod tests {
         bad_says(&[("rate-limit", "2/1ns")], "rate-limit", "nanosecond");
         // the same rule in compile
         let mut s = spec();
-        Arc::make_mut(&mut s.listeners[0].routes)[0].rate_limit = Some(RateLimitSpec {
+        Arc::make_mut(&mut s.listeners[0].routes)[0].rate_limit = Some(Box::new(RateLimitSpec {
             requests: 2,
             per: Duration::from_nanos(1),
             ..ok(&[("rate-limit", "1/s")]).rate_limit.unwrap()
-        });
+        }));
         assert!(strait_proxy::table::compile(Arc::new(s), "t", 1, None).is_err());
     }
 
@@ -1354,7 +1354,7 @@ mod tests {
         // A policy without hashing drops a hash key the backend had.
         let mut b = Arc::unwrap_or_clone(spec().backends.remove(0));
         b.policy = Policy::RingHash;
-        b.hash = Some(HashKeySpec::Source(HashSource::ClientIp));
+        b.hash = Some(Box::new(HashKeySpec::Source(HashSource::ClientIp)));
         ok(&[("load-balance", "random")]).apply_backend(&mut b);
         assert_eq!((b.policy, b.hash), (Policy::Random, None));
     }

@@ -21,7 +21,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_proxy::table::spec::{ListenerProtocol, ListenerSpec, ListenerTlsSpec, Spec};
+use strait_proxy::table::spec::{
+    BackendSpec, ListenerProtocol, ListenerSpec, ListenerTlsSpec, Spec,
+};
 use strait_proxy::table::CompileError;
 use tokio::sync::watch as tokio_watch;
 use tokio::time::Instant;
@@ -216,11 +218,44 @@ struct Dirty {
     status: bool,
 }
 
+/// What endpoint-only and status-only changes need from the translation in force. The rest
+/// of it is dropped once its table is published: route owners and problems serve only the
+/// rebuild that made them, and the routes live on in the published table.
+#[derive(Debug)]
+struct Kept {
+    /// The backends published, sorted by name (see `translate`).
+    backends: Vec<Arc<BackendSpec>>,
+    /// For each Service whose EndpointSlices feed backends: the index of each such backend
+    /// in `backends`, with the name of the Service port it takes.
+    by_service: HashMap<Key, Vec<(usize, Box<str>)>>,
+    /// Ingresses served, for the status writer.
+    served: Vec<Key>,
+}
+
+impl Kept {
+    fn new(t: Translation) -> Self {
+        let mut by_service: HashMap<Key, Vec<(usize, Box<str>)>> = HashMap::new();
+        for (name, source) in t.sources {
+            if let Ok(i) = t.backends.binary_search_by(|b| b.name.as_str().cmp(&name)) {
+                by_service
+                    .entry(source.service)
+                    .or_default()
+                    .push((i, source.port_name.into()));
+            }
+        }
+        Self {
+            backends: t.backends,
+            by_service,
+            served: t.served,
+        }
+    }
+}
+
 /// The single writer: applies watch updates to the cluster view and publishes tables.
 /// [`run`] drives it from the watches; benchmarks drive it directly.
 pub struct Controller {
-    /// The translation in force, kept for endpoint-only updates.
-    last: Option<Translation>,
+    /// What endpoint-only updates need of the translation in force.
+    last: Option<Kept>,
     dirty: Dirty,
     options: Options,
     publisher: Publisher,
@@ -309,7 +344,7 @@ impl Controller {
         if !dirty.full {
             if let Some(last) = self.last.take() {
                 if dirty.status {
-                    self.send_served(&last);
+                    self.send_served(&last.served);
                 }
                 self.last = Some(last);
                 self.update_endpoints(&dirty.services);
@@ -342,7 +377,7 @@ impl Controller {
                         "published table from the cluster"
                     );
                     self.report(&t);
-                    self.last = Some(t);
+                    self.last = Some(Kept::new(t));
                     return;
                 }
                 Err(errors) => {
@@ -380,22 +415,12 @@ impl Controller {
             return;
         };
         let mut changed = Vec::new();
-        let names = services
+        let fed = services
             .iter()
-            .filter_map(|s| last.by_service.get(s))
-            .flatten();
-        for name in names {
-            let Some(source) = last.sources.get(name) else {
-                continue;
-            };
-            let endpoints = translate::endpoints(&self.cluster, source);
-            // Backends are sorted by name (see `translate`).
-            let Ok(i) = last
-                .backends
-                .binary_search_by(|b| b.name.as_str().cmp(name))
-            else {
-                continue;
-            };
+            .filter_map(|s| Some((s, last.by_service.get(s)?)))
+            .flat_map(|(s, v)| v.iter().map(move |(i, port)| (s, *i, port)));
+        for (service, i, port) in fed {
+            let endpoints = translate::endpoints(&self.cluster, service, port);
             let backend = &mut last.backends[i];
             if backend.endpoints != endpoints {
                 Arc::make_mut(backend).endpoints = endpoints;
@@ -494,13 +519,12 @@ impl Controller {
         }
         metrics::gauge!(INGRESS_PROBLEMS).set(now.len() as f64);
         self.reported = now;
-        self.send_served(t);
+        self.send_served(&t.served);
     }
 
     /// Tells the status writer which Ingresses are served, with their status as last seen.
-    fn send_served(&self, t: &Translation) {
-        let ingresses = t
-            .served
+    fn send_served(&self, served: &[Key]) {
+        let ingresses = served
             .iter()
             .filter_map(|k| self.cluster.ingresses.get(k))
             .map(|ing| ServedIngress::from_ingress(ing))

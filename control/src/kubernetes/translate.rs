@@ -116,8 +116,6 @@ pub struct Translation {
     pub backends: Vec<Arc<BackendSpec>>,
     /// Where each Service backend's endpoints come from, by backend name.
     pub sources: BTreeMap<String, EndpointSource>,
-    /// Backend names by the Service their endpoints come from.
-    pub by_service: HashMap<Key, Vec<String>>,
     /// Ingresses of our class that apply (maybe partly, after conflicts).
     pub served: Vec<Key>,
     /// Problems, per Ingress.
@@ -265,12 +263,6 @@ pub fn translate(
         }
     }
     out.backends = backends.into_values().map(Arc::new).collect();
-    for (name, source) in &out.sources {
-        out.by_service
-            .entry(source.service.clone())
-            .or_default()
-            .push(name.clone());
-    }
     out
 }
 
@@ -522,13 +514,13 @@ fn to_https(route: &RouteSpec) -> RouteSpec {
         String::new(),
     );
     r.forward = None;
-    r.redirect = Some(RedirectSpec {
+    r.redirect = Some(Box::new(RedirectSpec {
         scheme: Some("https".into()),
         host: None,
         port: None,
         path: None,
         status: 308,
-    });
+    }));
     r
 }
 
@@ -570,7 +562,10 @@ pub fn service_backend(
         service: key.clone(),
         port_name: port.name.clone().unwrap_or_default(),
     };
-    let mut backend = BackendSpec::new(format!("{key}:{}", port.port), endpoints(cluster, &source));
+    let mut backend = BackendSpec::new(
+        format!("{key}:{}", port.port),
+        endpoints(cluster, &source.service, &source.port_name),
+    );
     if matches!(
         port.app_protocol.as_deref(),
         Some("kubernetes.io/h2c" | "h2c" | "grpc")
@@ -639,7 +634,7 @@ pub fn service_routes(
                 backend.circuit_breaker = cb.clone();
             }
             if let Some(o) = &defaults.outlier_detection {
-                backend.outlier_detection = Some(o.clone());
+                backend.outlier_detection = Some(Box::new(o.clone()));
             }
         }
         let name = backend.name.clone();
@@ -655,7 +650,7 @@ pub fn service_routes(
         let route = |route_name: String, port| {
             let mut r = RouteSpec::forward(route_name, matches(port), &name);
             r.timeout = defaults.timeout;
-            r.retry.clone_from(&defaults.retry);
+            r.retry = defaults.retry.clone().map(Box::new);
             r
         };
         routes.push(route(
@@ -710,13 +705,16 @@ fn tcp_service(
         port_name: sp.name.clone().unwrap_or_default(),
     };
     let backend_name = format!("{key}:{}@tcp", sp.port);
-    let mut backend = BackendSpec::new(&backend_name, endpoints(cluster, &source));
+    let mut backend = BackendSpec::new(
+        &backend_name,
+        endpoints(cluster, &source.service, &source.port_name),
+    );
     // A pod that refuses connections is skipped after a few: half the pods may be out at
     // once, so a small Service (a database's few replicas) can still lose one.
-    backend.outlier_detection = Some(OutlierSpec {
+    backend.outlier_detection = Some(Box::new(OutlierSpec {
         max_ejection_percent: 50,
         ..OutlierSpec::default()
-    });
+    }));
     let address = if options.tcp_ip.contains(':') {
         format!("[{}]:{port}", options.tcp_ip)
     } else {
@@ -752,15 +750,12 @@ fn find_port<'a>(svc: &'a Svc, number: Option<i32>, name: Option<&str>) -> Optio
 /// The endpoints of a Service port from its EndpointSlices: ready ones; if none is ready,
 /// the ones still serving while terminating (kube-proxy's fallback), so a rollout's last
 /// pods keep answering rather than the route failing outright.
-pub fn endpoints(cluster: &Cluster, source: &EndpointSource) -> Vec<EndpointSpec> {
+pub fn endpoints(cluster: &Cluster, service: &Key, port_name: &str) -> Vec<EndpointSpec> {
     let mut ready: Vec<(IpAddr, u16)> = Vec::new();
     let mut terminating: Vec<(IpAddr, u16)> = Vec::new();
-    for slice in cluster.slices_of(&source.service) {
+    for slice in cluster.slices_of(service) {
         // Slice ports carry the Service port's name and this slice's target port number.
-        let port = slice
-            .ports
-            .iter()
-            .find(|p| p.name == source.port_name && p.tcp);
+        let port = slice.ports.iter().find(|p| p.name == port_name && p.tcp);
         let Some(port) = port
             .and_then(|p| p.port)
             .and_then(|p| u16::try_from(p).ok())

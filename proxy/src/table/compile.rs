@@ -90,8 +90,8 @@ impl Ctx<'_> {
     }
 }
 
-/// Compiles a spec. With `registries` the table shares live state and registers metrics;
-/// without, it is a dry run for validation.
+/// Compiles a spec. With `registries` the table shares live state and metric handles (whose
+/// series appear on first use); without, it is a dry run for validation.
 pub fn compile(
     spec: Arc<Spec>,
     source: &str,
@@ -353,7 +353,7 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         });
     }
     let hashing = matches!(b.policy, Policy::RingHash | Policy::Maglev);
-    let hash_key = match (&b.hash, hashing) {
+    let hash_key = match (b.hash.as_deref(), hashing) {
         (Some(_), false) => {
             cx.err(
                 format!("{path}.hash"),
@@ -433,10 +433,10 @@ fn compile_backend(cx: &mut Ctx<'_>, path: &str, b: &BackendSpec) -> Option<Back
         connect_timeout: b.connect_timeout,
         state: backend_state,
         breaker: b.circuit_breaker.clone(),
-        outlier: b.outlier_detection.as_ref().map(OutlierConfig::from),
+        outlier: b.outlier_detection.as_deref().map(OutlierConfig::from),
         guarded: b.outlier_detection.is_some() || b.health_check.is_some(),
         panic_threshold: b.panic_threshold,
-        health_check: b.health_check.clone(),
+        health_check: b.health_check.as_deref().cloned(),
         dns_answered: answer.is_none_or(|(status, _)| status.phase != Phase::Pending),
         dns,
     })
@@ -504,7 +504,7 @@ fn check_service_defaults(cx: &mut Ctx<'_>, d: &ServiceDefaultsSpec) {
     }
     let mut b = BackendSpec::new("", Vec::new());
     b.circuit_breaker = d.circuit_breaker.clone().unwrap_or_default();
-    b.outlier_detection = d.outlier_detection.clone();
+    b.outlier_detection = d.outlier_detection.clone().map(Box::new);
     check_resilience(cx, path, &b);
 }
 
