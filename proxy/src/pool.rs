@@ -340,16 +340,13 @@ async fn connect(
     let sender = match &settings.tls {
         None => handshake(tcp, addr, settings.idle_timeout, &shared, slot).await?,
         Some(tls) => {
-            let stream = tls
-                .connect(tcp, addr, timeout)
-                .await
-                .map_err(|e| match e {
-                    TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
-                    e => ProxyError::Connect {
-                        addr,
-                        reason: e.to_string(),
-                    },
-                })?;
+            let stream = tls.connect(tcp, addr, timeout).await.map_err(|e| match e {
+                TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
+                e => ProxyError::Connect {
+                    addr,
+                    reason: e.to_string(),
+                },
+            })?;
             handshake(stream, addr, settings.idle_timeout, &shared, slot).await?
         }
     };

@@ -21,13 +21,13 @@ use crate::breaker::Breaker;
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
+use crate::pool::{self, PooledConn};
 use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
     TableHandle,
 };
 use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
-use crate::pool::{self, PooledConn};
 use crate::upstream::Upstream;
 
 /// What every request on one downstream connection shares.
@@ -392,7 +392,8 @@ async fn forward(
         last = Some(i);
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
-        let Some(upstream_req) = sendable.next(ep, http1, h2_authority.as_ref(), scheme.clone()) else {
+        let Some(upstream_req) = sendable.next(ep, http1, h2_authority.as_ref(), scheme.clone())
+        else {
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();

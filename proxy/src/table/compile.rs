@@ -33,9 +33,9 @@ use crate::https::TlsListener;
 use crate::metrics::TargetMetrics;
 use crate::names::{DnsName, NameRegistry, Phase};
 use crate::passthrough::SniRoutes;
+use crate::pool::Http1Settings;
 use crate::rate_limit::{self, KeySource, Limiter, RateLimitRegistry, RouteRateLimit};
 use crate::router::{Conditions, HostMatch, PathMatch, Router};
-use crate::pool::Http1Settings;
 use crate::upstream::Upstream;
 use crate::upstream_tls::UpstreamTls;
 
