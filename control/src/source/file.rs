@@ -263,9 +263,9 @@ backends:
 
     #[test]
     fn a_pool_idle_timeout_of_zero_is_refused_in_place() {
-        let d = errors("backends:\n  - name: api\n    pool:\n      idle_timeout: 0s\n    endpoints: [\"127.0.0.1:80\"]\n");
+        let d = errors("listeners:\n  - name: web\n    address: 127.0.0.1:1\n    routes:\n      - forward: {backend: api}\nbackends:\n  - name: api\n    pool:\n      idle_timeout: 0s\n    endpoints: [\"127.0.0.1:80\"]\n");
         assert_eq!(d.len(), 1, "{d:#?}");
-        assert_eq!(d[0].line, 4, "{d:#?}");
+        assert_eq!((d[0].line, d[0].column), (9, 7), "{d:#?}");
         assert!(d[0].message.contains("max_idle_per_endpoint: 0"), "{d:#?}");
     }
 
