@@ -23,15 +23,14 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 use crate::breaker::{BackendState, Breaker, ConnectionSlot};
 use crate::endpoint::clock_ns;
 use crate::error::ProxyError;
-use crate::upstream::root_cause;
-use crate::upstream_tls::{TlsConnectError, UpstreamTls};
+use crate::upstream::{connect_tcp, is_idempotent, root_cause, tls_handshake};
+use crate::upstream_tls::UpstreamTls;
 
 /// `idle_since` of a connection that is carrying a request.
 const IN_USE: u64 = u64::MAX;
@@ -281,17 +280,7 @@ pub async fn send(
 /// A copy of a request without a body and with an idempotent method (RFC 9110 section
 /// 9.2.2), the only kind sent again after it may have reached the server.
 fn resendable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    use http::Method;
-    let idempotent = [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(req.method());
-    if !idempotent || !http_body::Body::is_end_stream(req.body()) {
+    if !is_idempotent(req.method()) || !http_body::Body::is_end_stream(req.body()) {
         return None;
     }
     let mut copy = Request::new(ProxyBody::empty());
@@ -322,17 +311,7 @@ async fn connect(
             }
         }
     };
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
-        Ok(Err(e)) => {
-            return Err(ProxyError::Connect {
-                addr,
-                reason: e.to_string(),
-            })
-        }
-        Ok(Ok(tcp)) => tcp,
-    };
-    let _ = tcp.set_nodelay(true);
+    let tcp = connect_tcp(addr, timeout).await?;
     let shared = Arc::new(Shared {
         idle_since: AtomicU64::new(IN_USE),
         tls: settings.tls_fingerprint(),
@@ -340,13 +319,7 @@ async fn connect(
     let sender = match &settings.tls {
         None => handshake(tcp, addr, settings.idle_timeout, &shared, slot).await?,
         Some(tls) => {
-            let stream = tls.connect(tcp, addr, timeout).await.map_err(|e| match e {
-                TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
-                e => ProxyError::Connect {
-                    addr,
-                    reason: e.to_string(),
-                },
-            })?;
+            let stream = tls_handshake(tls, tcp, addr, timeout).await?;
             handshake(stream, addr, settings.idle_timeout, &shared, slot).await?
         }
     };

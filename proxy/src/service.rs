@@ -28,7 +28,7 @@ use crate::table::{
     TableHandle,
 };
 use crate::trace::{span_sink, TraceContext, TRACEPARENT, TRACESTATE};
-use crate::upstream::Upstream;
+use crate::upstream::{is_idempotent, Upstream};
 
 /// What every request on one downstream connection shares.
 #[derive(Debug)]
@@ -638,19 +638,6 @@ async fn backoff(
     }
     tokio::time::sleep_until(until).await;
     true
-}
-
-fn is_idempotent(m: &http::Method) -> bool {
-    use http::Method;
-    [
-        Method::GET,
-        Method::HEAD,
-        Method::OPTIONS,
-        Method::PUT,
-        Method::DELETE,
-        Method::TRACE,
-    ]
-    .contains(m)
 }
 
 fn is_retryable_response(r: &Response<ProxyBody>, p: &RetryPolicy) -> bool {

@@ -17,6 +17,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::body::ProxyBody;
 use crate::error::ProxyError;
@@ -86,31 +87,11 @@ impl H2Slot {
         if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
             return Ok(s);
         }
-        let tcp = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
-            Ok(Err(e)) => {
-                return Err(ProxyError::Connect {
-                    addr,
-                    reason: e.to_string(),
-                })
-            }
-            Ok(Ok(tcp)) => tcp,
-        };
-        let _ = tcp.set_nodelay(true);
+        let tcp = connect_tcp(addr, connect_timeout).await?;
         let sender = match tls {
             None => h2_handshake(tcp, addr).await?,
             Some(tls) => {
-                let stream =
-                    tls.connect(tcp, addr, connect_timeout)
-                        .await
-                        .map_err(|e| match e {
-                            TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
-                            e => ProxyError::Connect {
-                                addr,
-                                reason: e.to_string(),
-                            },
-                        })?;
-                h2_handshake(stream, addr).await?
+                h2_handshake(tls_handshake(tls, tcp, addr, connect_timeout).await?, addr).await?
             }
         };
         self.conn.store(Some(Arc::new(H2Conn {
@@ -166,6 +147,58 @@ where
         }
     });
     Ok(sender)
+}
+
+/// A TCP connection to an endpoint within `timeout`, with Nagle off (requests are written
+/// whole).
+pub(crate) async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
+    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ProxyError::ConnectTimeout { addr }),
+        Ok(Err(e)) => {
+            return Err(ProxyError::Connect {
+                addr,
+                reason: e.to_string(),
+            })
+        }
+        Ok(Ok(tcp)) => tcp,
+    };
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
+}
+
+/// The TLS handshake on a new upstream connection; a timeout reads as a connect timeout
+/// (504), any other failure as a connect failure (502).
+pub(crate) async fn tls_handshake(
+    tls: &UpstreamTls,
+    tcp: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TlsStream<TcpStream>, ProxyError> {
+    tls.connect(tcp, addr, timeout).await.map_err(|e| match e {
+        TlsConnectError::Timeout { .. } => ProxyError::ConnectTimeout { addr },
+        e => ProxyError::Connect {
+            addr,
+            reason: e.to_string(),
+        },
+    })
+}
+
+/// Whether a method is idempotent (RFC 9110 section 9.2.2): a request that may have reached
+/// the server can be sent again only then.
+pub(crate) fn is_idempotent(m: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::PUT,
+        Method::DELETE,
+        Method::TRACE,
+    ]
+    .contains(m)
 }
 
 /// The innermost error's message: what a user needs ("Connection refused"), not the wrappers.
