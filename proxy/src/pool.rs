@@ -116,24 +116,24 @@ impl PooledConn {
             return;
         }
         let pool = &self.pool.http1;
-        let queue = match pool.idle.load_full() {
-            Some(q) if q.capacity() == self.max_idle => q,
+        self.shared.idle_since.store(clock_ns(), Ordering::Release);
+        let idle = Idle {
+            sender: self.sender,
+            shared: self.shared,
+        };
+        // A full list drops the connection, which closes it.
+        let current = pool.idle.load();
+        let pushed = match current.as_deref() {
+            Some(q) if q.capacity() == self.max_idle => q.push(idle).is_ok(),
             // First hand-back, or `max_idle` changed: a new list (the old one's connections
-            // close as they are dropped).
+            // close as it is dropped).
             _ => {
-                let q = Arc::new(ArrayQueue::new(self.max_idle));
-                pool.idle.store(Some(Arc::clone(&q)));
-                q
+                let q = ArrayQueue::new(self.max_idle);
+                let pushed = q.push(idle).is_ok();
+                pool.idle.store(Some(Arc::new(q)));
+                pushed
             }
         };
-        self.shared.idle_since.store(clock_ns(), Ordering::Release);
-        // A full list drops the connection, which closes it.
-        let pushed = queue
-            .push(Idle {
-                sender: self.sender,
-                shared: self.shared,
-            })
-            .is_ok();
         // SeqCst, paired with the waiter's: either it sees the push or this sees it waiting.
         if pushed && pool.waiting.load(Ordering::SeqCst) > 0 {
             pool.released.notify_waiters();
