@@ -567,6 +567,8 @@ async fn scaling_moves_traffic_with_zero_failed_requests_under_load() {
 async fn nothing_is_served_before_every_watch_has_listed_and_watches_relist_after_410() {
     let (api, dir) = cluster().await;
     let (strait, _pods, _ups) = web_behind(&api, &dir, 1, "", "web.test").await;
+    // The log line is written before the table serves, but read from the pipe afterwards.
+    published_logged(&strait).await;
     // The very first table already has the route: no partial table was ever in force.
     let first_table = strait
         .log
@@ -638,6 +640,7 @@ async fn a_restarted_controller_waits_for_the_api_and_then_serves_the_whole_tabl
     assert_eq!(r.status, 503, "not ready without the API: {}", r.body);
     api.set_unavailable(false);
     second.wait_ready().await;
+    published_logged(&second).await;
     let published: Vec<serde_json::Value> = second
         .log
         .lock()
@@ -852,4 +855,12 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     )
     .await;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "web-0"));
+}
+
+/// Waits until the log read from Strait holds a "published table" line.
+async fn published_logged(strait: &Binary) {
+    eventually(WAIT, "the published table's log line", || async {
+        strait.logged("published table from the cluster")
+    })
+    .await;
 }
