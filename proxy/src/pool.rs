@@ -29,7 +29,7 @@ use crate::body::ProxyBody;
 use crate::breaker::{BackendState, Breaker, ConnectionSlot};
 use crate::endpoint::clock_ns;
 use crate::error::ProxyError;
-use crate::upstream::{connect_tcp, is_idempotent, root_cause, tls_handshake};
+use crate::upstream::{connect_tcp, handshake_failed, is_idempotent, root_cause, tls_handshake};
 use crate::upstream_tls::UpstreamTls;
 
 /// `idle_since` of a connection that is carrying a request.
@@ -195,11 +195,6 @@ impl Http1Pool {
             }
         }
     }
-
-    /// Idle connections held (live or not yet found closed).
-    pub fn idle(&self) -> usize {
-        self.idle.load().as_deref().map_or(0, ArrayQueue::len)
-    }
 }
 
 /// A connection ready for a request, and how long it had been idle (zero when new).
@@ -339,10 +334,7 @@ where
     let (sender, conn) = Builder::new()
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|e| ProxyError::Connect {
-            addr,
-            reason: root_cause(&e),
-        })?;
+        .map_err(|e| handshake_failed(addr, &e))?;
     let shared = Arc::clone(shared);
     tokio::spawn(async move {
         // Counted against `max_connections` until the connection ends.

@@ -137,10 +137,7 @@ where
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(io))
         .await
-        .map_err(|e| ProxyError::Connect {
-            addr,
-            reason: root_cause(&e),
-        })?;
+        .map_err(|e| handshake_failed(addr, &e))?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
             tracing::debug!(%addr, error = %e, "upstream h2 connection closed");
@@ -184,6 +181,15 @@ pub(crate) async fn tls_handshake(
             reason: e.to_string(),
         },
     })
+}
+
+/// An HTTP handshake that failed on a new connection: a connect failure (502), since no
+/// request has been sent on it.
+pub(crate) fn handshake_failed(addr: SocketAddr, e: &hyper::Error) -> ProxyError {
+    ProxyError::Connect {
+        addr,
+        reason: root_cause(e),
+    }
 }
 
 /// Whether a method is idempotent (RFC 9110 section 9.2.2): a request that may have reached
