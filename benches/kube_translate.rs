@@ -27,7 +27,7 @@ use strait_proxy::table::TableHandle;
 
 /// The binary's allocator, so the figures are the binary's.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: strait_proxy::allocator::Allocator = strait_proxy::allocator::Allocator;
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)

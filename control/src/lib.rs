@@ -4,6 +4,8 @@
 //! Data flows one way: source -> spec -> dry-run compile (validation) -> compile ->
 //! publish. Nothing in the data plane calls back here.
 
+#![forbid(unsafe_code)]
+
 pub mod dns;
 pub mod kubernetes;
 pub mod locate;

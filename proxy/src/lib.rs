@@ -3,6 +3,7 @@
 //! `strait-control` produce a [`table::spec::Spec`] and publish compiled tables here.
 
 pub mod admin;
+pub mod allocator;
 pub mod balancer;
 pub mod body;
 pub mod breaker;
