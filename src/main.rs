@@ -181,11 +181,11 @@ fn main() -> ExitCode {
             .and_then(|l| l.spec.kubernetes.as_ref())
             .is_some_and(|k| k.enabled);
     let mode = match (loaded, kube_enabled) {
-        (Some(l), false) => Mode::File(l),
+        (Some(l), false) => Mode::File(Box::new(l)),
         (loaded, true) => {
-            let static_spec = loaded.map(|l| l.spec).unwrap_or_default();
+            let static_spec = loaded.as_ref().map(|l| l.spec.clone()).unwrap_or_default();
             match kube_options(&cli.kube, &static_spec) {
-                Ok(options) => Mode::Kubernetes(Box::new(options), static_spec),
+                Ok(options) => Mode::Kubernetes(Box::new(options), loaded.map(Box::new)),
                 Err(e) => {
                     eprintln!("strait: {e}");
                     return ExitCode::from(2);
@@ -297,9 +297,10 @@ fn install_metrics() -> Option<PrometheusHandle> {
 /// Where tables come from.
 enum Mode {
     /// The static configuration file, reloaded when it changes.
-    File(file::Loaded),
-    /// The cluster, plus the static listeners, routes and backends of the file if given.
-    Kubernetes(Box<kubernetes::Options>, Spec),
+    File(Box<file::Loaded>),
+    /// The cluster, plus the static listeners, routes and backends of the file if given
+    /// (reloaded as in `File` mode, its listeners fixed).
+    Kubernetes(Box<kubernetes::Options>, Option<Box<file::Loaded>>),
 }
 
 /// The Kubernetes source's options: flags override the config file's `kubernetes` section.
@@ -358,6 +359,8 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
                 defaults: file.service_defaults.clone(),
             }),
             tcp_ip,
+            // Filled by the controller from the listeners it serves.
+            reserved_ports: Vec::new(),
         },
         service_addr,
         ingresses: file.ingresses,
@@ -366,7 +369,7 @@ fn kube_options(args: &KubeArgs, spec: &Spec) -> Result<kubernetes::Options, Str
         https_addr: Some(args.https_addr.map_or(file.https_addr, |a| a.to_string())),
         publish,
         debounce: file.debounce,
-        max_delay: Duration::from_secs(1),
+        max_delay: file.max_delay,
         identity: leader::default_identity(),
         lease_namespace: pod_namespace(),
     })
@@ -383,6 +386,18 @@ async fn kube_client() -> Result<kube::Client, kube::Error> {
             .map_err(kube::Error::InferConfig)?,
     };
     kube::Client::try_from(config)
+}
+
+/// Logs each SIGHUP received when there is no file to reload (Kubernetes mode without
+/// `--config`), instead of letting it end the process.
+async fn ignore_sighup() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP: no --config file to reload; the cluster is watched continuously");
+    }
 }
 
 /// The namespace Strait runs in: `POD_NAMESPACE` (downward API), else the service
@@ -434,7 +449,8 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
             tokio::spawn(reloader.run(stopped()));
             loaded.spec
         }
-        Mode::Kubernetes(options, static_spec) => {
+        Mode::Kubernetes(options, loaded) => {
+            let static_spec = loaded.as_ref().map(|l| l.spec.clone()).unwrap_or_default();
             let spec = kubernetes::base_spec(static_spec, &options);
             // TCP services come and go with their Services' annotations.
             publisher.allow_listener_changes();
@@ -453,11 +469,26 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
+            let statics = match loaded {
+                Some(loaded) => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let reloader = strait_control::reload::Reloader::forwarding(&loaded, tx);
+                    tokio::spawn(reloader.run(stopped()));
+                    Some(rx)
+                }
+                None => {
+                    // SIGHUP's default action ends the process; `kill -HUP` (a habit from
+                    // file mode) must not take a controller down.
+                    tokio::spawn(ignore_sighup());
+                    None
+                }
+            };
             source = Some(tokio::spawn(kubernetes::run(
                 client,
                 *options,
                 publisher,
                 spec.clone(),
+                statics,
                 stopped(),
             )));
             spec

@@ -13,7 +13,7 @@ use serde_json::json;
 use support::k8s::{self, Path, NOT_READY, READY, TERMINATING};
 use support::kube_api::KubeApi;
 use support::netns::Pod;
-use support::{client, eventually, get_host, tempdir, Binary, Upstream};
+use support::{client, eventually, get, get_host, tempdir, Binary, Upstream};
 
 const WAIT: Duration = Duration::from_secs(15);
 const PORT: u16 = 8080;
@@ -778,6 +778,17 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
         &[("", 3306)],
         &ready(&pods),
     ));
+    // Three Services whose annotations cannot be followed: each gets an Event, none stops
+    // the others (sorted after apps/db, so db takes its port first).
+    for (name, value) in [
+        ("zz-copy", port.to_string()),
+        ("zz-https", "8443".into()),
+        ("zz-word", "mysql".into()),
+    ] {
+        let mut bad = k8s::service("apps", name, &[("", 3306, "3306")]);
+        bad["metadata"]["annotations"] = json!({"strait.io/tcp-port": value});
+        api.apply(bad);
+    }
     let strait = k8s::controller(&api, &dir, &[]).await;
     strait.wait_ready().await;
 
@@ -785,6 +796,42 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
     let seen = support::bodies_over_fresh_connections(port, 10).await;
     assert_eq!(seen.get("db-0"), Some(&5), "{seen:?}");
     assert_eq!(seen.get("db-1"), Some(&5), "{seen:?}");
+
+    let event = |name: &str| {
+        api.events().into_iter().find(|e| {
+            e["involvedObject"]["name"] == name
+                && e["involvedObject"]["kind"] == "Service"
+                && e["reason"] == "TCPServiceNotServed"
+                && e["type"] == "Warning"
+        })
+    };
+    eventually(WAIT, "an Event on each Service not served", || {
+        let ok = ["zz-copy", "zz-https", "zz-word"]
+            .iter()
+            .all(|n| event(n).is_some());
+        async move { ok }
+    })
+    .await;
+    for (name, says) in [
+        (
+            "zz-copy",
+            format!("port {port} is already taken by Service apps/db"),
+        ),
+        (
+            "zz-https",
+            "port 8443 is already taken by Strait's listener kubernetes-https".into(),
+        ),
+        ("zz-word", "\"mysql\" is not a port".into()),
+    ] {
+        let e = event(name).unwrap();
+        assert!(e["message"].as_str().unwrap().contains(&says), "{e}");
+        assert!(
+            e["involvedObject"]["uid"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty()),
+            "the Service's uid, for kubectl describe: {e}"
+        );
+    }
 
     // One pod stops listening: connections still succeed (the next endpoint is tried), and
     // after 5 refused connects in a row outlier detection ejects it.
@@ -855,6 +902,124 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     )
     .await;
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "web-0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_static_file_reloads_beside_the_cluster_and_a_bad_one_changes_nothing() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    k8s::backed_service(&api, "web", "", &ready(&pods));
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "web.test",
+        &to("web"),
+    ));
+    let version = |body: &str, address: &str| {
+        format!(
+            "kubernetes:\n  enabled: true\n  debounce: 10ms\nlisteners:\n  - name: health\n    address: {address}\n    routes:\n      - direct_response: {{status: 200, body: \"{body}\"}}\n"
+        )
+    };
+    let config = dir.write("static.yaml", &version("one", "127.0.0.1:0"));
+    // Replaced whole (as a ConfigMap volume does), so no reload reads a half-written file.
+    let replace = |text: &str| {
+        let tmp = config.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &config).unwrap();
+    };
+    let strait = k8s::controller(&api, &dir, &["--config", config.to_str().unwrap()]).await;
+    strait.wait_ready().await;
+    let addr = |name: &str| {
+        let a = strait.listeners.iter().find(|(n, _)| n == name);
+        format!("http://{}/", a.unwrap_or_else(|| panic!("{name}")).1)
+    };
+    let (health, cluster_url) = (addr("health"), addr("kubernetes-http"));
+    let c = client();
+    let body = |url: String, host: &'static str| {
+        let c = c.clone();
+        async move { get_host(&c, &url, host).await.body }
+    };
+    assert_eq!(body(health.clone(), "any").await, "one");
+
+    // Written in place: the file watch reloads it, and the cluster's routes stay.
+    replace(&version("two", "127.0.0.1:0"));
+    eventually(WAIT, "the changed file served", || {
+        let b = body(health.clone(), "any");
+        async move { b.await == "two" }
+    })
+    .await;
+    assert_eq!(body(cluster_url.clone(), "web.test").await, "web-0");
+
+    // Broken YAML, then a moved listener: both rejected with the reason, the table stays.
+    replace("kubernetes:\n  enabled: true\nlisteners: 7\n");
+    eventually(WAIT, "the broken file rejected with its line", || async {
+        strait.logged("static.yaml:3:")
+    })
+    .await;
+    replace(&version("three", "127.0.0.1:1"));
+    eventually(WAIT, "the moved listener rejected", || async {
+        strait.logged("listeners changed; restart Strait")
+    })
+    .await;
+    let metrics = get(&c, &strait.admin_url("/metrics")).await.body;
+    assert!(
+        metrics.contains("strait_config_reloads_total{result=\"failure\"} 2"),
+        "{metrics}"
+    );
+    assert_eq!(body(health.clone(), "any").await, "two");
+    assert_eq!(body(cluster_url.clone(), "web.test").await, "web-0");
+
+    // SIGHUP reloads a fixed file too.
+    replace(&version("four", "127.0.0.1:0"));
+    strait.signal("HUP");
+    eventually(WAIT, "the fixed file served", || {
+        let b = body(health.clone(), "any");
+        async move { b.await == "four" }
+    })
+    .await;
+    assert_eq!(body(cluster_url, "web.test").await, "web-0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_without_a_static_file_is_logged_and_ends_nothing() {
+    let (api, dir) = cluster().await;
+    let strait = k8s::controller(&api, &dir, &[]).await;
+    strait.wait_ready().await;
+    strait.signal("HUP");
+    eventually(WAIT, "the SIGHUP logged", || async {
+        strait.logged("SIGHUP: no --config file to reload")
+    })
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &strait.admin_url("/ready")).await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_delay_bounds_a_long_debounce() {
+    let (api, dir) = cluster().await;
+    let (pods, _ups) = pods("web", 1);
+    k8s::backed_service(&api, "web", "", &ready(&pods));
+    // A minute of debounce: without max_delay nothing would be published within WAIT.
+    let config = dir.write(
+        "slow.yaml",
+        "kubernetes:\n  enabled: true\n  debounce: 60s\n  max_delay: 300ms\n",
+    );
+    let strait = k8s::controller(&api, &dir, &["--config", config.to_str().unwrap()]).await;
+    strait.wait_ready().await;
+    api.apply(k8s::ingress(
+        "apps",
+        "web",
+        Some("strait"),
+        "web.test",
+        &to("web"),
+    ));
+    let c = client();
+    eventually(WAIT, "the Ingress routed after max_delay", || {
+        let (c, url) = (c.clone(), strait.url("/"));
+        async move { get_host(&c, &url, "web.test").await.body == "web-0" }
+    })
+    .await;
 }
 
 /// Waits until the log read from Strait holds a "published table" line.

@@ -112,17 +112,7 @@ impl Publisher {
     /// serve loop (HTTP or TCP) is chosen when a listener starts, so its protocol is as
     /// fixed as its address.
     fn check_listeners(&self, spec: &Spec) -> Result<Vec<(String, String)>, Vec<CompileError>> {
-        let mut listeners: Vec<(String, String)> = spec
-            .listeners
-            .iter()
-            .map(|l| {
-                (
-                    l.name.clone(),
-                    format!("{} ({:?})", l.address, l.protocol).to_lowercase(),
-                )
-            })
-            .collect();
-        listeners.sort();
+        let listeners = listener_set(spec);
         match &self.listeners {
             Some(running) if *running != listeners && !self.dynamic_listeners => {
                 Err(vec![CompileError {
@@ -206,7 +196,26 @@ impl Publisher {
         let names = self.registries.names.prune();
         self.dns.sync(&spec.dns, names);
         self.current = Some((Arc::clone(spec), source.to_owned()));
+        // The previous table was freed just now (unless a request still holds it); without
+        // this its pages stay resident until later allocator activity (see the module).
+        strait_proxy::allocator::release_free_memory();
     }
+}
+
+/// Listener names, addresses and protocols, sorted: what a reload may not change.
+pub fn listener_set(spec: &Spec) -> Vec<(String, String)> {
+    let mut set: Vec<(String, String)> = spec
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                l.name.clone(),
+                format!("{} ({:?})", l.address, l.protocol).to_lowercase(),
+            )
+        })
+        .collect();
+    set.sort();
+    set
 }
 
 fn describe(l: &[(String, String)]) -> String {

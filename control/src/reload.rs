@@ -1,5 +1,7 @@
 //! The control loop: reloads the static file on SIGHUP and when it changes on disk, and
-//! rebuilds the table when a DNS backend's answer changes. It owns the one publisher.
+//! rebuilds the table when a DNS backend's answer changes. It owns the one publisher, or,
+//! beside the Kubernetes source, hands each accepted file to it (that source owns the
+//! publisher then, and merges the file with the cluster's objects).
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -9,6 +11,8 @@ use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
+
+use strait_proxy::table::spec::Spec;
 
 use crate::publisher::Publisher;
 use crate::source::file;
@@ -54,11 +58,66 @@ pub fn reload(path: &Path, publisher: &mut Publisher) -> Option<Vec<PathBuf>> {
     Some(files)
 }
 
+/// Loads `path` for a source that merges it with its own configuration: a file that fails to
+/// parse or validate, or whose listeners differ from `listeners` (those in force; bound
+/// sockets cannot change on reload), is logged and counted as rejected; else its spec is
+/// sent on `tx` and counted as loaded. Returns the files the configuration references, when
+/// it parsed.
+fn reload_into(
+    path: &Path,
+    tx: &mpsc::Sender<Spec>,
+    listeners: &[(String, String)],
+) -> Option<Vec<PathBuf>> {
+    let loaded = match file::load(path) {
+        Ok(l) => l,
+        Err(e) => {
+            for line in e.to_string().lines() {
+                tracing::error!("config rejected, keeping the running table: {line}");
+            }
+            count(false);
+            return None;
+        }
+    };
+    let files = loaded.spec.referenced_files();
+    let now = crate::publisher::listener_set(&loaded.spec);
+    if now != listeners {
+        tracing::error!(
+            file = %path.display(),
+            "config rejected, keeping the running table: listeners changed; restart Strait to \
+             apply listener changes (routes and backends reload live)"
+        );
+        count(false);
+        return Some(files);
+    }
+    match tx.try_send(loaded.spec) {
+        Ok(()) => {
+            tracing::info!(file = %path.display(), "config reloaded; merging it with the cluster's objects");
+            count(true);
+        }
+        // Full: the source has not taken the previous file yet; this one follows, since a
+        // reload reads the file again (the digest of what was read is kept).
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::warn!("previous config not applied yet; this change waits for it");
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+    Some(files)
+}
+
+/// Where a reloaded file goes.
+enum Target {
+    /// Published on its own (standalone mode); DNS changes rebuild it.
+    Publish(Box<Publisher>),
+    /// Handed to a source that merges it with its own configuration (Kubernetes), which
+    /// owns the publisher. The listeners are those in force.
+    Forward(mpsc::Sender<Spec>, Vec<(String, String)>),
+}
+
 /// Reload triggers, set up before serving so no change and no SIGHUP is missed (an
 /// unhandled SIGHUP would end the process).
 pub struct Reloader {
     path: PathBuf,
-    publisher: Publisher,
+    target: Target,
     last: Option<u64>,
     /// Certificates and other files the configuration reads; their changes reload it too.
     files: Vec<PathBuf>,
@@ -81,6 +140,28 @@ impl Reloader {
         loaded_text: &str,
         files: Vec<PathBuf>,
     ) -> Self {
+        Self::with_target(
+            path,
+            Target::Publish(Box::new(publisher)),
+            loaded_text,
+            files,
+        )
+    }
+
+    /// Like [`Reloader::new`], for a file that a source merges with its own configuration:
+    /// each accepted version of `loaded` is sent on `tx` (a channel of one) instead of being
+    /// published. The listeners of `loaded` stay fixed.
+    pub fn forwarding(loaded: &file::Loaded, tx: mpsc::Sender<Spec>) -> Self {
+        let target = Target::Forward(tx, crate::publisher::listener_set(&loaded.spec));
+        Self::with_target(
+            loaded.path.clone(),
+            target,
+            &loaded.text,
+            loaded.spec.referenced_files(),
+        )
+    }
+
+    fn with_target(path: PathBuf, target: Target, loaded_text: &str, files: Vec<PathBuf>) -> Self {
         let (tx, changes) = mpsc::channel::<()>(1);
         let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if ev.is_ok_and(|e| !e.kind.is_access()) {
@@ -105,7 +186,7 @@ impl Reloader {
         let last = Some(content_digest(loaded_text.as_bytes(), &files));
         let mut reloader = Self {
             path,
-            publisher,
+            target,
             last,
             files,
             watched: HashSet::new(),
@@ -147,7 +228,11 @@ impl Reloader {
         // Taken before reading, so a file that changes while the reload reads it (a key
         // written just after its certificate) makes the next check differ and reload again.
         self.last = self.digest();
-        if let Some(files) = reload(&self.path, &mut self.publisher) {
+        let files = match &mut self.target {
+            Target::Publish(publisher) => reload(&self.path, publisher),
+            Target::Forward(tx, listeners) => reload_into(&self.path, tx, listeners),
+        };
+        if let Some(files) = files {
             if files != self.files {
                 self.files = files;
                 self.watch_dirs();
@@ -187,7 +272,7 @@ impl Reloader {
                     tracing::info!("SIGHUP: reloading configuration");
                     self.reload();
                 }
-                () = self.publisher.dns_changed() => self.rebuild(),
+                () = dns_changed(&mut self.target) => self.rebuild(),
                 // A rebuild re-reads certificate files, which may be half-rotated: retry
                 // until one goes through, or the DNS change would be lost.
                 () = tokio::time::sleep(REBUILD_RETRY), if self.rebuild_failed => self.rebuild(),
@@ -197,7 +282,10 @@ impl Reloader {
     }
 
     fn rebuild(&mut self) {
-        match self.publisher.rebuild() {
+        let Target::Publish(publisher) = &mut self.target else {
+            return;
+        };
+        match publisher.rebuild() {
             Ok(generation) => {
                 self.rebuild_failed = false;
                 tracing::info!(generation, "table rebuilt with new DNS answers");
@@ -216,6 +304,15 @@ impl Reloader {
         if self.digest() != self.last {
             self.reload();
         }
+    }
+}
+
+/// A DNS answer changed for the table this reloader publishes (never, when it forwards: the
+/// source it forwards to watches DNS itself).
+async fn dns_changed(target: &mut Target) {
+    match target {
+        Target::Publish(publisher) => publisher.dns_changed().await,
+        Target::Forward(..) => std::future::pending().await,
     }
 }
 

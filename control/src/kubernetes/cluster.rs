@@ -212,6 +212,8 @@ impl Cluster {
 /// What translation reads of a Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Svc {
+    /// `metadata.uid`, for Events about the Service.
+    pub uid: Option<String>,
     /// `spec.type`.
     pub type_: Option<String>,
     /// `spec.externalName`.
@@ -251,6 +253,7 @@ impl Svc {
                 .cloned()
         };
         Self {
+            uid: svc.metadata.uid.clone(),
             type_: spec.and_then(|s| s.type_.clone()),
             external_name: spec.and_then(|s| s.external_name.clone()),
             session_affinity: spec.and_then(|s| s.session_affinity.clone()),

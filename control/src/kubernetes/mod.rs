@@ -33,7 +33,7 @@ use certs::SecretCerts;
 use cluster::{Cluster, Key, Object};
 use events::{EventSink, Report};
 use status::{PublishSource, Served, ServedIngress, StatusWriter};
-use translate::{translate, Problem, TranslateOptions, Translation};
+use translate::{translate, Problem, ServiceProblem, TranslateOptions, Translation};
 use watch::{Update, WatchId};
 
 /// Counter of failed watch requests, by kind.
@@ -116,12 +116,14 @@ pub fn base_spec(mut spec: Spec, options: &Options) -> Spec {
 }
 
 /// Runs the source until `shutdown`: watches, translates and publishes. Returns once the
-/// leader-election Lease, if held, is released.
+/// leader-election Lease, if held, is released. Each static configuration received on
+/// `statics` (reloaded by [`crate::reload::Reloader::forwarding`]) replaces `base`'s.
 pub async fn run(
     client: kube::Client,
     options: Options,
     publisher: Publisher,
     base: Spec,
+    mut statics: Option<tokio::sync::mpsc::Receiver<Spec>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (ids, mut updates) = watch::start(&client, &options.namespaces, options.ingresses);
@@ -178,6 +180,12 @@ pub async fn run(
                 let now = Instant::now();
                 dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
             }
+            Some(spec) = next_static(&mut statics) => {
+                // Published with the next rebuild, so never before every watch has listed.
+                controller.set_static(spec);
+                let now = Instant::now();
+                dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
+            }
             () = sleep_until(deadline) => {
                 dirty = None;
                 controller.rebuild();
@@ -197,6 +205,37 @@ pub async fn run(
     // waiting for it to expire. The election bounds its release by a lease duration.
     if let Some(mut rx) = lease_released {
         while rx.changed().await.is_ok() {}
+    }
+}
+
+/// The ports of `base`'s listeners and of the HTTPS listener, with what holds each, so that
+/// a TCP service asking for one is reported, not left to fail to bind. (Not the admin
+/// listener: `--admin-addr` may move it, and a clash there fails to bind with a log line.)
+fn reserved_ports(base: &Spec, options: &Options) -> Vec<(u16, String)> {
+    let port = |address: &str| {
+        address
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .filter(|p| *p != 0)
+    };
+    let listeners = base
+        .listeners
+        .iter()
+        .map(|l| (l.address.as_str(), format!("Strait's listener {}", l.name)));
+    let https = options
+        .https_addr
+        .iter()
+        .map(|a| (a.as_str(), format!("Strait's listener {HTTPS_LISTENER}")));
+    listeners
+        .chain(https)
+        .filter_map(|(address, what)| Some((port(address)?, what)))
+        .collect()
+}
+
+async fn next_static(statics: &mut Option<tokio::sync::mpsc::Receiver<Spec>>) -> Option<Spec> {
+    match statics {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -266,6 +305,8 @@ pub struct Controller {
     certs: SecretCerts,
     /// Problems already reported, per Ingress: each is reported once while it lasts.
     reported: HashMap<Key, HashSet<(&'static str, String)>>,
+    /// Problems of Services already reported; each is reported once while it lasts.
+    reported_services: HashSet<ServiceProblem>,
     served: tokio_watch::Sender<Arc<Served>>,
 }
 
@@ -284,6 +325,8 @@ impl Controller {
         events: Option<EventSink>,
         served: tokio_watch::Sender<Arc<Served>>,
     ) -> Self {
+        let mut options = options;
+        options.translate.reserved_ports = reserved_ports(&base, &options);
         Self {
             last: None,
             dirty: Dirty::default(),
@@ -294,8 +337,23 @@ impl Controller {
             certs: SecretCerts::default(),
             events,
             reported: HashMap::new(),
+            reported_services: HashSet::new(),
             served,
         }
+    }
+
+    /// Replaces the static configuration (a reloaded file); the next [`Controller::rebuild`]
+    /// translates everything again on top of it.
+    pub fn set_static(&mut self, spec: Spec) {
+        if spec.kubernetes != self.base.kubernetes {
+            tracing::warn!(
+                "the kubernetes section changed; it applies at the next restart (the rest of \
+                 the file applies now)"
+            );
+        }
+        self.base = base_spec(spec, &self.options);
+        self.options.translate.reserved_ports = reserved_ports(&self.base, &self.options);
+        self.dirty.full = true;
     }
 
     /// Applies one update from a watch to the cluster view (nothing is published).
@@ -510,7 +568,7 @@ impl Controller {
                 (self.cluster.ingresses.get(&p.ingress), &self.events)
             {
                 events.report(Report {
-                    ingress: Arc::clone(ing),
+                    regarding: Report::ingress(ing),
                     warning: true,
                     reason: p.reason.to_owned(),
                     note: p.message.clone(),
@@ -519,6 +577,21 @@ impl Controller {
         }
         metrics::gauge!(INGRESS_PROBLEMS).set(now.len() as f64);
         self.reported = now;
+        let services: HashSet<ServiceProblem> = t.service_problems.iter().cloned().collect();
+        for p in services.difference(&self.reported_services) {
+            tracing::warn!(service = %p.service, reason = p.reason, "{}", p.message);
+            let (Some(events), Some(svc)) = (&self.events, self.cluster.services.get(&p.service))
+            else {
+                continue;
+            };
+            events.report(Report {
+                regarding: Report::service(&p.service.namespace, &p.service.name, svc.uid.clone()),
+                warning: true,
+                reason: p.reason.to_owned(),
+                note: p.message.clone(),
+            });
+        }
+        self.reported_services = services;
         self.send_served(&t.served);
     }
 

@@ -40,6 +40,9 @@ pub struct TranslateOptions {
     pub service_routing: Option<ServiceRouting>,
     /// The address TCP services listen on (with their annotation's port).
     pub tcp_ip: String,
+    /// Ports Strait listens on already (its listeners, admin), with what holds each: a TCP
+    /// service asking for one of them is reported instead of failing to bind.
+    pub reserved_ports: Vec<(u16, String)>,
 }
 
 impl Default for TranslateOptions {
@@ -49,6 +52,7 @@ impl Default for TranslateOptions {
             controller: CONTROLLER.into(),
             service_routing: None,
             tcp_ip: "0.0.0.0".into(),
+            reserved_ports: Vec::new(),
         }
     }
 }
@@ -76,6 +80,18 @@ pub struct ServiceRouting {
 pub struct Problem {
     /// The Ingress.
     pub ingress: Key,
+    /// A short CamelCase reason, as Kubernetes Events carry.
+    pub reason: &'static str,
+    /// What is wrong and how to fix it.
+    pub message: String,
+}
+
+/// A Service Strait cannot serve as asked by its annotations (a TCP service), reported as
+/// an Event on it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ServiceProblem {
+    /// The Service.
+    pub service: Key,
     /// A short CamelCase reason, as Kubernetes Events carry.
     pub reason: &'static str,
     /// What is wrong and how to fix it.
@@ -120,6 +136,8 @@ pub struct Translation {
     pub served: Vec<Key>,
     /// Problems, per Ingress.
     pub problems: Vec<Problem>,
+    /// Problems of Services (their TCP service annotations).
+    pub service_problems: Vec<ServiceProblem>,
     /// The Ingress each route came from, by route name.
     pub owners: HashMap<String, Key>,
 }
@@ -250,7 +268,7 @@ pub fn translate(
         }
         out.service_routes = Arc::new(routes);
     }
-    let mut ports = HashMap::new();
+    let mut ports: HashMap<u16, String> = options.reserved_ports.iter().cloned().collect();
     for (key, svc) in &cluster.services {
         match tcp_service(cluster, options, key, svc, &mut ports) {
             Ok(Some((listener, backend, source))) => {
@@ -259,7 +277,11 @@ pub fn translate(
                 out.tcp_listeners.push(listener);
             }
             Ok(None) => {}
-            Err(message) => tracing::warn!(service = %key, "TCP service not served: {message}"),
+            Err(message) => out.service_problems.push(ServiceProblem {
+                service: key.clone(),
+                reason: "TCPServiceNotServed",
+                message,
+            }),
         }
     }
     out.backends = backends.into_values().map(Arc::new).collect();
@@ -665,13 +687,14 @@ pub fn service_routes(
 
 /// The `tcp` listener of a Service annotated with [`TCP_PORT_ANNOTATION`]: every
 /// connection goes to one ready endpoint, balanced, with outlier detection ejecting
-/// endpoints whose connects keep failing. `ports` holds the ports already taken.
+/// endpoints whose connects keep failing. `ports` holds the ports already taken, with
+/// what took each.
 fn tcp_service(
     cluster: &Cluster,
     options: &TranslateOptions,
     key: &Key,
     svc: &Svc,
-    ports: &mut HashMap<u16, Key>,
+    ports: &mut HashMap<u16, String>,
 ) -> Result<Option<(ListenerSpec, BackendSpec, EndpointSource)>, String> {
     let Some(raw) = svc.tcp_port.as_ref() else {
         return Ok(None);
@@ -682,7 +705,9 @@ fn tcp_service(
         .filter(|p| *p > 0)
         .ok_or_else(|| format!("{TCP_PORT_ANNOTATION}: {raw:?} is not a port (1-65535)"))?;
     if let Some(other) = ports.get(&port) {
-        return Err(format!("port {port} is already taken by Service {other}"));
+        return Err(format!(
+            "{TCP_PORT_ANNOTATION}: port {port} is already taken by {other}"
+        ));
     }
     let wanted = svc.tcp_service_port.as_ref();
     let (number, name) = match wanted.map(|w| w.parse::<i32>()) {
@@ -720,7 +745,7 @@ fn tcp_service(
     } else {
         format!("{}:{port}", options.tcp_ip)
     };
-    ports.insert(port, key.clone());
+    ports.insert(port, format!("Service {key}"));
     let listener = ListenerSpec {
         name: format!("tcp-{}-{}", key.namespace, key.name),
         address,

@@ -270,6 +270,14 @@ backends:
     }
 
     #[test]
+    fn a_kubernetes_max_delay_of_zero_is_refused_in_place() {
+        let d = errors("kubernetes:\n  enabled: true\n  debounce: 2s\n  max_delay: 0s\n");
+        assert_eq!(d.len(), 1, "{d:#?}");
+        assert_eq!((d[0].line, d[0].column), (4, 3), "{d:#?}");
+        assert!(d[0].message.contains("must be greater than 0s"), "{d:#?}");
+    }
+
+    #[test]
     fn checks_rate_limits() {
         let text = "\
 listeners:

@@ -172,6 +172,12 @@ pub fn compile(
     }
     if let Some(k) = &spec.kubernetes {
         check_service_defaults(&mut cx, &k.service_defaults);
+        if k.max_delay.is_zero() {
+            cx.err(
+                "kubernetes.max_delay",
+                "must be greater than 0s (it bounds how long changes are coalesced)",
+            );
+        }
     }
     if spec.admin.address.parse::<SocketAddr>().is_err() {
         cx.err(

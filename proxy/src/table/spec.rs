@@ -71,6 +71,9 @@ pub struct KubernetesSpec {
     /// Quiet time after a change before the table is rebuilt.
     #[serde(with = "duration")]
     pub debounce: Duration,
+    /// Longest a rebuild waits after the first change while changes keep coming.
+    #[serde(with = "duration")]
+    pub max_delay: Duration,
     /// Serve Ingresses: watch IngressClasses, Ingresses and TLS Secrets, bind `http_addr`,
     /// elect a leader and write Ingress status. Off for a sidecar, which only routes by
     /// Service name and needs no more than Services and EndpointSlices.
@@ -124,6 +127,7 @@ impl Default for KubernetesSpec {
             publish_service: None,
             publish_address: Vec::new(),
             debounce: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
             ingresses: true,
             service_defaults: ServiceDefaultsSpec::default(),
         }
