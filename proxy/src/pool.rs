@@ -228,7 +228,12 @@ pub async fn send(
             Some(c) => c,
             // Boxed: connecting (TCP, TLS, handshake) is a large future, rarely needed; left
             // inline it would make every request's future as large, and hyper moves that.
-            None => Box::pin(connect(endpoint, backend, settings)).await?,
+            // (Bound first: a temporary in the awaited expression would keep its unboxed
+            // size in this future's state, since it lives until the statement ends.)
+            None => {
+                let connecting = Box::pin(connect(endpoint, backend, settings));
+                connecting.await?
+            }
         };
         // A server may close a connection that has been idle for a while at any moment,
         // also while our request is on its way: the request then fails without an answer.

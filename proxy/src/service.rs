@@ -242,9 +242,12 @@ async fn proxy(
         Action::Direct(d) => direct(d, req.version()),
         Action::Redirect(r) => redirect(r, &req, cx.scheme),
         // Boxed: the forwarding future is large, and hyper moves the handler's future
-        // before polling it; a box keeps that move to a pointer.
+        // before polling it; a box keeps that move to a pointer. The box is bound before
+        // the await: a temporary in the awaited expression lives until the statement ends,
+        // so the unboxed future would still take its size in this future's state.
         Action::Forward(_) => {
-            let mut resp = Box::pin(forward(cx, &route, target, req, done)).await;
+            let forwarding = Box::pin(forward(cx, &route, target, req, done));
+            let mut resp = forwarding.await;
             if let Some(h) = &limit_headers {
                 h.apply(resp.headers_mut());
             }
@@ -369,11 +372,15 @@ async fn forward(
     let policy = route.retry.as_ref().filter(|_| !upgrade);
     let mut sendable = match policy {
         // Boxed, as the other awaits only some requests make: each would otherwise make
-        // every request's future larger, and that future is moved.
-        Some(p) => match Box::pin(Sendable::replayable(parts, body, p.buffer_bytes)).await {
-            Ok(s) => s,
-            Err(e) => return finish_error(e, version, done),
-        },
+        // every request's future larger, and that future is moved. (Each box is bound
+        // before its await, for the reason given in `proxy`.)
+        Some(p) => {
+            let replayable = Box::pin(Sendable::replayable(parts, body, p.buffer_bytes));
+            match replayable.await {
+                Ok(s) => s,
+                Err(e) => return finish_error(e, version, done),
+            }
+        }
         None => Sendable::Once(Some(Request::from_parts(parts, ProxyBody::Upstream(body)))),
     };
     let may_retry_status = policy.is_some_and(|p| p.non_idempotent || is_idempotent(&done.method));
@@ -407,7 +414,8 @@ async fn forward(
             // Worth reading ahead only when a gRPC failure could still be retried.
             let could_retry = retries < p.retries && sendable.replays() && may_retry_status;
             if could_retry && !p.grpc_statuses.is_empty() {
-                if let Err(e) = Box::pin(read_grpc_status(r, ep, p.per_try_timeout)).await {
+                let read_ahead = Box::pin(read_grpc_status(r, ep, p.per_try_timeout));
+                if let Err(e) = read_ahead.await {
                     result = Err(e);
                 }
             }
@@ -432,7 +440,8 @@ async fn forward(
                 metrics::counter!(crate::metrics::RETRIES, "backend" => backend.name.to_string())
                     .increment(1);
                 let p = policy.expect("retries need a policy");
-                if Box::pin(backoff(p, retries, deadline)).await {
+                let wait = Box::pin(backoff(p, retries, deadline));
+                if wait.await {
                     continue;
                 }
             } else {

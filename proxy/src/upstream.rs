@@ -72,8 +72,10 @@ impl H2Slot {
         if let Some(s) = self.conn.load().as_deref().and_then(|c| c.usable(want)) {
             return Ok(s);
         }
-        // Boxed: the connect is a large future, needed once per connection.
-        Box::pin(self.reconnect(addr, connect_timeout, tls, want)).await
+        // Boxed: the connect is a large future, needed once per connection. Bound first, so
+        // the unboxed temporary does not live across the await (and in this future's state).
+        let reconnecting = Box::pin(self.reconnect(addr, connect_timeout, tls, want));
+        reconnecting.await
     }
 
     async fn reconnect(
