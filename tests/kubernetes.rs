@@ -869,15 +869,7 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 1);
-    k8s::backed_service(&api, "web", "", &ready(&pods));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "web.test",
-        &to("web"),
-    ));
+    let _web = web_service_with_an_ingress(&api);
     let config = dir.write(
         "static.yaml",
         "kubernetes:\n  enabled: true\n  debounce: 10ms\nlisteners:\n  - name: health\n    address: 127.0.0.1:0\n    routes:\n      - direct_response: {status: 200, body: \"static ok\"}\n",
@@ -907,15 +899,7 @@ async fn a_static_file_adds_its_listeners_and_backends_beside_the_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_static_file_reloads_beside_the_cluster_and_a_bad_one_changes_nothing() {
     let (api, dir) = cluster().await;
-    let (pods, _ups) = pods("web", 1);
-    k8s::backed_service(&api, "web", "", &ready(&pods));
-    api.apply(k8s::ingress(
-        "apps",
-        "web",
-        Some("strait"),
-        "web.test",
-        &to("web"),
-    ));
+    let _web = web_service_with_an_ingress(&api);
     let version = |body: &str, address: &str| {
         format!(
             "kubernetes:\n  enabled: true\n  debounce: 10ms\nlisteners:\n  - name: health\n    address: {address}\n    routes:\n      - direct_response: {{status: 200, body: \"{body}\"}}\n"
@@ -1007,6 +991,26 @@ async fn max_delay_bounds_a_long_debounce() {
     );
     let strait = k8s::controller(&api, &dir, &["--config", config.to_str().unwrap()]).await;
     strait.wait_ready().await;
+    web_ingress(&api);
+    let c = client();
+    eventually(WAIT, "the Ingress routed after max_delay", || {
+        let (c, url) = (c.clone(), strait.url("/"));
+        async move { get_host(&c, &url, "web.test").await.body == "web-0" }
+    })
+    .await;
+}
+
+/// One pod behind Service `apps/web`, routed by an Ingress for `web.test`; keep what it
+/// returns for as long as the pod must serve.
+fn web_service_with_an_ingress(api: &KubeApi) -> (Vec<Pod>, Vec<Upstream>) {
+    let (pods, ups) = pods("web", 1);
+    k8s::backed_service(api, "web", "", &ready(&pods));
+    web_ingress(api);
+    (pods, ups)
+}
+
+/// An Ingress for `web.test` to Service `apps/web`.
+fn web_ingress(api: &KubeApi) {
     api.apply(k8s::ingress(
         "apps",
         "web",
@@ -1014,12 +1018,6 @@ async fn max_delay_bounds_a_long_debounce() {
         "web.test",
         &to("web"),
     ));
-    let c = client();
-    eventually(WAIT, "the Ingress routed after max_delay", || {
-        let (c, url) = (c.clone(), strait.url("/"));
-        async move { get_host(&c, &url, "web.test").await.body == "web-0" }
-    })
-    .await;
 }
 
 /// Waits until the log read from Strait holds a "published table" line.

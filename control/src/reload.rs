@@ -29,19 +29,25 @@ pub fn count(success: bool) {
     metrics::counter!(strait_proxy::metrics::CONFIG_RELOADS, "result" => result).increment(1);
 }
 
-/// Loads `path` and publishes it. Failures are logged with file:line:column and counted;
-/// the table in force stays. Returns the files the configuration references, when it parsed.
-pub fn reload(path: &Path, publisher: &mut Publisher) -> Option<Vec<PathBuf>> {
-    let loaded = match file::load(path) {
-        Ok(l) => l,
+/// Loads `path`; a file that fails to parse or validate is logged with file:line:column and
+/// counted as a failed reload.
+fn load_or_reject(path: &Path) -> Option<file::Loaded> {
+    match file::load(path) {
+        Ok(l) => Some(l),
         Err(e) => {
             for line in e.to_string().lines() {
                 tracing::error!("config rejected, keeping the running table: {line}");
             }
             count(false);
-            return None;
+            None
         }
-    };
+    }
+}
+
+/// Loads `path` and publishes it. Failures are logged with file:line:column and counted;
+/// the table in force stays. Returns the files the configuration references, when it parsed.
+pub fn reload(path: &Path, publisher: &mut Publisher) -> Option<Vec<PathBuf>> {
+    let loaded = load_or_reject(path)?;
     let files = loaded.spec.referenced_files();
     match publisher.publish(loaded.spec.clone(), &path.display().to_string()) {
         Ok(generation) => {
@@ -68,16 +74,7 @@ fn reload_into(
     tx: &mpsc::Sender<Spec>,
     listeners: &[(String, String)],
 ) -> Option<Vec<PathBuf>> {
-    let loaded = match file::load(path) {
-        Ok(l) => l,
-        Err(e) => {
-            for line in e.to_string().lines() {
-                tracing::error!("config rejected, keeping the running table: {line}");
-            }
-            count(false);
-            return None;
-        }
-    };
+    let loaded = load_or_reject(path)?;
     let files = loaded.spec.referenced_files();
     let now = crate::publisher::listener_set(&loaded.spec);
     if now != listeners {
