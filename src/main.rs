@@ -471,7 +471,7 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
             };
             let statics = match loaded {
                 Some(loaded) => {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    let (tx, rx) = watch::channel(None);
                     let reloader = strait_control::reload::Reloader::forwarding(&loaded, tx);
                     tokio::spawn(reloader.run(stopped()));
                     Some(rx)

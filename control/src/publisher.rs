@@ -183,9 +183,6 @@ impl Publisher {
     /// Drops live state no table uses any more and starts or stops what follows the table
     /// (health checks, DNS lookups).
     fn after_publish(&mut self, spec: &Arc<Spec>, source: &str) {
-        // The previous table was freed just now (unless a request still holds it); without
-        // this its pages stay resident until later allocator activity (see the module).
-        strait_proxy::allocator::release_free_memory();
         self.registries.endpoints.prune();
         self.registries.rate_limits.prune();
         self.registries.metrics.prune();

@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
 
 use strait_proxy::table::spec::Spec;
 
@@ -71,7 +73,7 @@ pub fn reload(path: &Path, publisher: &mut Publisher) -> Option<Vec<PathBuf>> {
 /// it parsed.
 fn reload_into(
     path: &Path,
-    tx: &mpsc::Sender<Spec>,
+    tx: &watch::Sender<Option<Arc<Spec>>>,
     listeners: &[(String, String)],
 ) -> Option<Vec<PathBuf>> {
     let loaded = load_or_reject(path)?;
@@ -86,18 +88,10 @@ fn reload_into(
         count(false);
         return Some(files);
     }
-    match tx.try_send(loaded.spec) {
-        Ok(()) => {
-            tracing::info!(file = %path.display(), "config reloaded; merging it with the cluster's objects");
-            count(true);
-        }
-        // Full: the source has not taken the previous file yet; this one follows, since a
-        // reload reads the file again (the digest of what was read is kept).
-        Err(mpsc::error::TrySendError::Full(_)) => {
-            tracing::warn!("previous config not applied yet; this change waits for it");
-        }
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
-    }
+    // The latest accepted file replaces one the source has not taken yet: only it matters.
+    tx.send_replace(Some(Arc::new(loaded.spec)));
+    tracing::info!(file = %path.display(), "config reloaded; merging it with the cluster's objects");
+    count(true);
     Some(files)
 }
 
@@ -107,7 +101,7 @@ enum Target {
     Publish(Box<Publisher>),
     /// Handed to a source that merges it with its own configuration (Kubernetes), which
     /// owns the publisher. The listeners are those in force.
-    Forward(mpsc::Sender<Spec>, Vec<(String, String)>),
+    Forward(watch::Sender<Option<Arc<Spec>>>, Vec<(String, String)>),
 }
 
 /// Reload triggers, set up before serving so no change and no SIGHUP is missed (an
@@ -146,9 +140,9 @@ impl Reloader {
     }
 
     /// Like [`Reloader::new`], for a file that a source merges with its own configuration:
-    /// each accepted version of `loaded` is sent on `tx` (a channel of one) instead of being
-    /// published. The listeners of `loaded` stay fixed.
-    pub fn forwarding(loaded: &file::Loaded, tx: mpsc::Sender<Spec>) -> Self {
+    /// each accepted version of `loaded` is put in `tx` (the latest replaces one not taken
+    /// yet) instead of being published. The listeners of `loaded` stay fixed.
+    pub fn forwarding(loaded: &file::Loaded, tx: watch::Sender<Option<Arc<Spec>>>) -> Self {
         let target = Target::Forward(tx, crate::publisher::listener_set(&loaded.spec));
         Self::with_target(
             loaded.path.clone(),

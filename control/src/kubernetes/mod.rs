@@ -123,7 +123,7 @@ pub async fn run(
     options: Options,
     publisher: Publisher,
     base: Spec,
-    mut statics: Option<tokio::sync::mpsc::Receiver<Spec>>,
+    mut statics: Option<tokio_watch::Receiver<Option<Arc<Spec>>>>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let (ids, mut updates) = watch::start(&client, &options.namespaces, options.ingresses);
@@ -180,7 +180,7 @@ pub async fn run(
                 let now = Instant::now();
                 dirty = Some(dirty.map_or((now, now), |(first, _)| (first, now)));
             }
-            Some(spec) = next_static(&mut statics) => {
+            spec = next_static(&mut statics) => {
                 // Published with the next rebuild, so never before every watch has listed.
                 controller.set_static(spec);
                 let now = Instant::now();
@@ -232,11 +232,17 @@ fn reserved_ports(base: &Spec, options: &Options) -> Vec<(u16, String)> {
         .collect()
 }
 
-async fn next_static(statics: &mut Option<tokio::sync::mpsc::Receiver<Spec>>) -> Option<Spec> {
-    match statics {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
+/// The next static configuration handed over, once it changes (never without a file, or
+/// once its reloader has stopped).
+async fn next_static(statics: &mut Option<tokio_watch::Receiver<Option<Arc<Spec>>>>) -> Spec {
+    if let Some(rx) = statics {
+        if rx.changed().await.is_ok() {
+            if let Some(spec) = rx.borrow_and_update().as_deref() {
+                return spec.clone();
+            }
+        }
     }
+    std::future::pending().await
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -319,13 +325,12 @@ impl Controller {
     /// (with the Kubernetes listener, see [`base_spec`]). Without `events`, problems are
     /// only logged.
     pub fn new(
-        options: Options,
+        mut options: Options,
         publisher: Publisher,
         base: Spec,
         events: Option<EventSink>,
         served: tokio_watch::Sender<Arc<Served>>,
     ) -> Self {
-        let mut options = options;
         options.translate.reserved_ports = reserved_ports(&base, &options);
         Self {
             last: None,

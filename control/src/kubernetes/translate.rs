@@ -40,8 +40,8 @@ pub struct TranslateOptions {
     pub service_routing: Option<ServiceRouting>,
     /// The address TCP services listen on (with their annotation's port).
     pub tcp_ip: String,
-    /// Ports Strait listens on already (its listeners, admin), with what holds each: a TCP
-    /// service asking for one of them is reported instead of failing to bind.
+    /// Ports Strait's listeners take, with which listener: a TCP service asking for one of
+    /// them is reported instead of failing to bind. Filled by the controller.
     pub reserved_ports: Vec<(u16, String)>,
 }
 
