@@ -4,8 +4,10 @@
 #   minikube image build -t strait:latest .
 #
 # The binary is linked against musl so that the runtime image needs no libc at all; mimalloc
-# (the global allocator) and ring compile C, hence musl-gcc from musl-tools. deploy/kubernetes/
-# runs this image; docs/deploy.md describes it.
+# (the global allocator) and ring compile C, hence musl-gcc from musl-tools. It is built with
+# profile-guided optimisation (deploy/build-pgo.sh: an instrumented build, a training load on
+# loopback, then the optimised build), hence llvm-tools. deploy/kubernetes/ runs this image;
+# docs/deploy.md describes it.
 
 FROM rust:1.95-bookworm AS build
 # Only a build stage: its packages never reach the runtime image, so they are not pinned.
@@ -13,12 +15,14 @@ FROM rust:1.95-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends musl-tools \
  && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
+ && rustup target add x86_64-unknown-linux-musl \
+ && rustup component add llvm-tools
 WORKDIR /src
 COPY . .
 # No BuildKit-only features (cache mounts): `minikube image build` may run the classic
-# builder. So any change to the sources rebuilds every dependency; it takes minutes.
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
+# builder. So any change to the sources rebuilds every dependency, twice (instrumented, then
+# optimised); it takes minutes. The training load needs only curl, which this image has.
+RUN TARGET=x86_64-unknown-linux-musl deploy/build-pgo.sh \
  && install -D -m 0755 target/x86_64-unknown-linux-musl/release/strait /out/strait
 
 # No shell, no package manager, no libc: nothing for an attacker to use, and nothing that

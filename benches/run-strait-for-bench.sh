@@ -16,6 +16,8 @@
 #   cargo build --release --locked
 # (`cargo bench` writes its bench-profile build to the same target/release/strait path.)
 # STRAIT_BENCH_BUILD=1 runs the release build every time (a no-op when up to date).
+# STRAIT_BIN runs another binary instead, e.g. the PGO build deploy/build-pgo.sh makes
+# (target/x86_64-unknown-linux-gnu/release/strait); then nothing is built.
 set -euo pipefail
 
 die() { printf 'run-strait-for-bench: %s\n' "$*" >&2; exit 2; }
@@ -30,7 +32,10 @@ threads=${BENCH_THREADS:-}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=$root/target/release/strait
 
-if [ ! -x "$bin" ] || [ "${STRAIT_BENCH_BUILD:-0}" = 1 ]; then
+if [ -n "${STRAIT_BIN:-}" ]; then
+  bin=$STRAIT_BIN
+  [ -x "$bin" ] || die "STRAIT_BIN=$bin is not an executable"
+elif [ ! -x "$bin" ] || [ "${STRAIT_BENCH_BUILD:-0}" = 1 ]; then
   printf 'run-strait-for-bench: building %s\n' "$bin" >&2
   (cd "$root" && cargo build --release --locked) >&2 || die "cargo build --release failed"
 elif [ -n "$(find "$root/src" "$root/proxy/src" "$root/control/src" "$root/Cargo.toml" "$root/Cargo.lock" \

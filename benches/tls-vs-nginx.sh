@@ -10,14 +10,15 @@
 # the proxies (order swapped every round), REPS rounds of DUR seconds per test:
 #   ka   keep-alive requests over TLS (one handshake per connection, then requests)
 #   new  a new TLS connection per request (Connection: close): handshakes per second
-# Prints every round, the medians and Strait / nginx. Knobs: REPS (5), DUR (8), CONNS (50).
+# Prints every round, the medians and Strait / nginx. Knobs: REPS (5), DUR (8), CONNS (50),
+# STRAIT_BIN (default target/release/strait; deploy/build-pgo.sh prints the PGO build's path).
 set -euo pipefail
 
 REPS=${REPS:-5}
 DUR=${DUR:-8}
 CONNS=${CONNS:-50}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-bin=$root/target/release/strait
+bin=${STRAIT_BIN:-$root/target/release/strait}
 cert=$root/examples/tls/demo-cert.pem
 key=$root/examples/tls/demo-key.pem
 work=$(mktemp -d "${TMPDIR:-/tmp}/strait-tls-bench.XXXXXX")

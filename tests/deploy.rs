@@ -186,11 +186,24 @@ fn dockerfile_builds_a_static_binary_and_runs_it_unprivileged_on_distroless() {
         .filter(|i| i.keyword == "RUN")
         .map(|i| i.args.as_str())
         .collect();
+    // Built by the PGO script (an instrumented build, a training load, the optimised build),
+    // which runs cargo with the lockfile for the target it is given.
     assert!(
-        runs.iter().any(
-            |r| r.contains("cargo build --release --locked --target x86_64-unknown-linux-musl")
-        ),
-        "the release build with the lockfile, for musl: {runs:?}"
+        runs.iter()
+            .any(|r| r.contains("TARGET=x86_64-unknown-linux-musl deploy/build-pgo.sh")),
+        "the profile-guided release build, for musl: {runs:?}"
+    );
+    assert!(
+        runs.iter()
+            .any(|r| r.contains("rustup component add llvm-tools")),
+        "llvm-profdata for the PGO script: {runs:?}"
+    );
+    let pgo = read("deploy/build-pgo.sh");
+    assert_eq!(
+        pgo.matches(r#"cargo build --release --locked --target "$target""#)
+            .count(),
+        2,
+        "deploy/build-pgo.sh builds twice with the lockfile, for the target it is given"
     );
     assert!(
         runs.iter().any(|r| r.contains("musl-tools")),
@@ -274,13 +287,24 @@ fn dockerfile_builds_a_static_binary_and_runs_it_unprivileged_on_distroless() {
         "proxy",
         "control",
         "benches",
+        "examples",
     ] {
         assert!(
             !ignored.iter().any(|p| p == needed),
-            ".dockerignore drops {needed}, which cargo needs"
+            ".dockerignore drops {needed}, which cargo or the PGO training needs"
         );
         assert!(repo(needed).exists(), "{needed}");
     }
+    // deploy/ stays out but for the PGO script, which the last matching line lets back in.
+    let pgo_rules: Vec<&String> = ignored
+        .iter()
+        .filter(|p| ["deploy", "deploy/*", "!deploy/build-pgo.sh"].contains(&p.as_str()))
+        .collect();
+    assert_eq!(
+        pgo_rules.last().map(|p| p.as_str()),
+        Some("!deploy/build-pgo.sh"),
+        ".dockerignore keeps deploy/build-pgo.sh in the context: {ignored:?}"
+    );
     for heavy in ["target", ".git"] {
         assert!(
             ignored.iter().any(|p| p == heavy),
