@@ -206,6 +206,8 @@ server=""
 ls "$profiles"/*.profraw >/dev/null 2>&1 || die "no profile written to $profiles"
 "$profdata" merge -o "$work/strait.profdata" "$profiles"/*.profraw
 
+# The profile's path is new on every run ($work): cargo sees RUSTFLAGS change and rebuilds, where
+# a fixed path would leave a binary built with the previous profile in place.
 say "3/3 optimised build"
 (cd "$root" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$work/strait.profdata" \
   cargo build --release --locked --target "$target") >&2
