@@ -145,6 +145,12 @@ EOF
 
 say "2/3 training load"
 "$instrumented" validate "$work/train.yaml" >&2
+# Another process on one of these ports would answer the readiness check and take the load.
+for port in $(seq "$base" $((base + 4))); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "127.0.0.1:$port is in use; stop what listens there or set PGO_PORT_BASE"
+  fi
+done
 "$instrumented" --config "$work/train.yaml" --log-level warn >/dev/null &
 server=$!
 for _ in $(seq 100); do
@@ -153,6 +159,7 @@ for _ in $(seq 100); do
   sleep 0.1
 done
 curl -sf -o /dev/null "http://$admin/ready" || die "the instrumented Strait is not ready after 10 s"
+kill -0 "$server" 2>/dev/null || die "the instrumented Strait exited; see its log above"
 
 head -c 8192 /dev/zero | tr '\0' 'y' >"$work/body"
 # Each kind: `requests` requests (fewer for new connections and bodies), every answer checked.
