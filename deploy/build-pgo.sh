@@ -15,7 +15,7 @@
 #
 # Why: LLVM then lays out the code the load ran next to each other and optimises it for speed,
 # and the code it never ran for size. On this project's benchmarks (docs/performance.md) that
-# gave 14% more keep-alive requests per second and an idle RSS of 8 MB instead of 11.8 MB:
+# gave 9 to 14% more keep-alive requests per second and an idle RSS about 1 MB smaller:
 # most of an idle proxy's resident memory is the pages of its own code it touched at startup.
 #
 # Needs: curl, and llvm-profdata of an LLVM that reads the toolchain's profiles. It is looked
