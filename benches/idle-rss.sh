@@ -49,6 +49,7 @@ for b in "${bins[@]}"; do
   for r in $(seq "$RUNS"); do
     taskset -c 1 "$b" --config "$work/strait.yaml" --worker-threads 1 --log-level warn &
     pid=$!
+    pids+=("$pid")  # stopped by lib.sh's cleanup if a readiness check gives up
     wait_ok http://127.0.0.1:18421/
     wait_ok http://127.0.0.1:18421/ --http2-prior-knowledge
     printf 'run %d: VmRSS %s kB\n' "$r" "$(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")"

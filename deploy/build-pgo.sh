@@ -7,8 +7,9 @@
 # 1. builds an instrumented release binary (target/pgo-generate/),
 # 2. runs it on a training load it serves itself: HTTP/1.1 keep-alive and new connections,
 #    HTTP/2 with prior knowledge, HTTPS (h2 and http/1.1), request bodies, forwarding to HTTP/1.1
-#    and h2c upstreams, a route with retries, a rate limit and outlier detection, a TCP relay (a direct-response listener of the same process is the
-#    upstream, so nothing but curl is needed),
+#    and h2c upstreams, a route with retries, a rate limit and outlier detection, a TCP relay
+#    (the upstream is a direct-response listener of the same process, so nothing but curl and
+#    optionally h2load is needed),
 # 3. merges the profile with llvm-profdata and builds the release binary with it.
 #
 # Prints the path of the binary: target/<TARGET>/release/strait.
