@@ -10,17 +10,24 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 use crate::endpoint::InFlight;
+use crate::h1_client::H1Body;
 use crate::metrics::TargetMetrics;
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+/// The error a body's stream ends with: hyper's, or an HTTP/1.1 upstream's.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A body: streamed from the other side without buffering, or complete. Responses from
 /// upstreams and request bodies sent once are streamed; Strait's own answers and request
 /// bodies kept for retries are complete.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// Streamed from the upstream without buffering.
+    /// Streamed without buffering: a request body from the client, or a response from an
+    /// HTTP/2 upstream.
     Upstream(Incoming),
+    /// A response streamed from an HTTP/1.1 upstream connection.
+    H1(H1Body),
     /// A complete body (direct responses, errors).
     Full(Option<Bytes>),
     /// A request body kept for retries: its data, then its trailers if it had any.
@@ -45,14 +52,18 @@ impl From<Bytes> for ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let from_hyper = |p: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>| {
+            p.map(|f| f.map(|r| r.map_err(BodyError::from)))
+        };
         match self.get_mut() {
-            Self::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Self::Upstream(b) => from_hyper(Pin::new(b).poll_frame(cx)),
+            Self::H1(b) => Pin::new(b).poll_frame(cx),
             Self::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
             Self::Kept(data, trailers) => Poll::Ready(match data.take() {
                 Some(d) => Some(Ok(Frame::data(d))),
@@ -60,7 +71,7 @@ impl Body for ProxyBody {
             }),
             Self::Resumed(first, rest) => match first.take() {
                 Some(f) => Poll::Ready(Some(Ok(f))),
-                None => Pin::new(rest).poll_frame(cx),
+                None => from_hyper(Pin::new(rest).poll_frame(cx)),
             },
         }
     }
@@ -68,6 +79,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Upstream(b) => b.is_end_stream(),
+            Self::H1(b) => b.is_end_stream(),
             Self::Full(b) => b.is_none(),
             Self::Kept(d, t) => d.is_none() && t.is_none(),
             Self::Resumed(first, rest) => first.is_none() && rest.is_end_stream(),
@@ -77,6 +89,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             Self::Upstream(b) => b.size_hint(),
+            Self::H1(b) => b.size_hint(),
             Self::Full(b) | Self::Kept(b, _) => {
                 SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
             }
@@ -134,9 +147,6 @@ pub struct Completion {
     pub backend_slot: Option<crate::breaker::Slot>,
     /// Response body bytes sent.
     pub bytes: u64,
-    /// The keep-alive connection the response came on, handed back to its pool once the
-    /// body has been read to the end.
-    pub conn: Option<crate::pool::PooledConn>,
 }
 
 impl Drop for Completion {
@@ -216,26 +226,14 @@ impl ObservedBody {
     }
 }
 
-impl Drop for ObservedBody {
-    fn drop(&mut self) {
-        // hyper stops polling a body that says it has ended (a length reached, or no body at
-        // all, as for HEAD and 204), so the end can be seen only here.
-        if let Some(c) = self.done.as_mut().and_then(|d| d.conn.take()) {
-            if self.inner.is_end_stream() {
-                c.release();
-            }
-        }
-    }
-}
-
 impl Body for ObservedBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
@@ -245,9 +243,6 @@ impl Body for ObservedBody {
                 }
             }
             Poll::Ready(None) => {
-                if let Some(c) = this.done.as_mut().and_then(|d| d.conn.take()) {
-                    c.release();
-                }
                 this.done.take();
             }
             Poll::Ready(Some(Err(_))) => {

@@ -9,6 +9,8 @@ pub mod body;
 pub mod breaker;
 pub mod endpoint;
 pub mod error;
+pub mod h1_client;
+pub mod h1_codec;
 pub mod headers;
 pub mod health;
 pub mod health_check;

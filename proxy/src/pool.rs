@@ -2,51 +2,48 @@
 //!
 //! Every endpoint keeps its idle connections in its [`EndpointState`](crate::endpoint::EndpointState),
 //! which outlives table swaps, so a reload keeps warm connections. A request takes an idle
-//! connection (or opens one), sends on it, and the response body hands it back once it has
-//! been read to the end ([`PooledConn::release`]); a body dropped early drops the connection,
-//! since it cannot carry another request before the rest of the response is read.
+//! connection (or opens one), runs its exchange on it in its own task ([`crate::h1_client`]),
+//! and the response body hands it back once both directions have ended cleanly; a body
+//! dropped early drops the connection, since it cannot carry another request before the rest
+//! of the response is read.
 //!
-//! This replaces hyper-util's pooled client, which per request hashed a pool key under a
-//! mutex, boxed the response future, and spawned a task to wait for the connection to become
-//! ready again. Here the idle list is a lock-free queue, and the connection's own task does
-//! the waiting.
+//! The idle list is a lock-free queue. An idle connection has no task: the server closing
+//! it is noticed when it is next taken (tokio has marked the socket readable), and a
+//! per-endpoint reaper closes connections idle for longer than `idle_timeout`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{Builder, SendRequest};
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use http::{Request, Response};
+use http_body::Body as _;
 use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 use crate::breaker::{BackendState, Breaker, ConnectionSlot};
-use crate::endpoint::clock_ns;
+use crate::endpoint::{clock_ns, EndpointState};
 use crate::error::ProxyError;
-use crate::upstream::{connect_tcp, handshake_failed, is_idempotent, root_cause, tls_handshake};
+use crate::h1_client::{Conn, Exchange, ExchangeError, Io};
+use crate::upstream::{connect_tcp, is_idempotent, tls_handshake};
 use crate::upstream_tls::UpstreamTls;
 
-/// `idle_since` of a connection that is carrying a request.
-const IN_USE: u64 = u64::MAX;
-/// `idle_since` of a connection its idle timer has closed.
-const CLOSED: u64 = u64::MAX - 1;
 /// Idle connections found unusable (closed by the server meanwhile) before opening a new
 /// one. Each costs only a queue pop, but a queue full of dead connections after a quiet
 /// period must not delay a request for long.
 const MAX_STALE_POPS: usize = 16;
-/// Times a request is sent again on another connection: after a connection closed just as
-/// it was handed the request (never written), or after a connection idle for
+/// Times a request is sent again on another connection: after a connection failed before
+/// any byte of the request was written, or after a connection idle for
 /// [`RESEND_AFTER_IDLE`] failed before answering.
 const MAX_RESENDS: usize = 2;
 /// Idle time after which a reused connection may have been closed by the server's own
 /// keep-alive timeout (commonly 2 to 75 seconds) while our request was on its way.
 const RESEND_AFTER_IDLE: Duration = Duration::from_secs(1);
+/// The reaper looks at the idle list at most this many times per `idle_timeout`, so a
+/// connection closes at most an eighth of the timeout late.
+const REAPS_PER_TIMEOUT: u32 = 8;
 
 /// How a backend's HTTP/1.1 connections are made and kept.
 #[derive(Debug, Clone)]
@@ -72,90 +69,118 @@ impl Http1Settings {
 pub struct Http1Pool {
     /// Made on the first hand-back (most endpoints of a large cluster never get a request
     /// through a given replica), and made again when `max_idle` changes.
-    idle: ArcSwapOption<ArrayQueue<Idle>>,
+    idle: ArcSwapOption<ArrayQueue<Box<Conn>>>,
     /// Requests waiting for a connection slot of the backend (`max_connections` reached),
     /// which a connection handed back here serves as well.
     waiting: AtomicUsize,
     /// Signalled on a hand-back while `waiting` is not zero.
     released: Notify,
+    /// Whether a reaper task is watching the idle list.
+    reaping: AtomicBool,
 }
 
-/// An idle connection.
+/// Where a response's connection goes back to, and how it is kept there.
 #[derive(Debug)]
-struct Idle {
-    sender: SendRequest<ProxyBody>,
-    shared: Arc<Shared>,
-}
-
-/// What a connection's sender and its task share.
-#[derive(Debug)]
-struct Shared {
-    /// `clock_ns()` when it went idle, or [`IN_USE`], or [`CLOSED`].
-    idle_since: AtomicU64,
-    /// [`UpstreamTls::fingerprint`] of the settings it was made with (0: cleartext), so a
-    /// reload that changes them does not keep using it.
-    tls: u64,
-}
-
-/// A connection carrying a request. Hand it back with [`release`](Self::release) once the
-/// response has been read to the end; dropping it closes the connection.
-#[derive(Debug)]
-pub struct PooledConn {
-    sender: SendRequest<ProxyBody>,
-    shared: Arc<Shared>,
-    /// Where it goes back to, and how many may wait there.
-    pool: Arc<crate::endpoint::EndpointState>,
+pub(crate) struct Home {
+    endpoint: Arc<EndpointState>,
     max_idle: usize,
+    idle_timeout: Duration,
 }
 
-impl PooledConn {
+impl Home {
     /// Returns the connection to its endpoint's idle list, or closes it when the list is
     /// full or pooling is off.
-    pub fn release(self) {
-        if self.max_idle == 0 || self.sender.is_closed() {
+    pub(crate) fn put(self, mut conn: Box<Conn>) {
+        if self.max_idle == 0 {
             return;
         }
-        let pool = &self.pool.http1;
-        self.shared.idle_since.store(clock_ns(), Ordering::Release);
-        let idle = Idle {
-            sender: self.sender,
-            shared: self.shared,
-        };
+        let pool = &self.endpoint.http1;
+        conn.trim();
+        conn.idle_since = clock_ns();
         // A full list drops the connection, which closes it.
         let current = pool.idle.load();
         let pushed = match current.as_deref() {
-            Some(q) if q.capacity() == self.max_idle => q.push(idle).is_ok(),
+            Some(q) if q.capacity() == self.max_idle => q.push(conn).is_ok(),
             // First hand-back, or `max_idle` changed: a new list (the old one's connections
             // close as it is dropped).
             _ => {
                 let q = ArrayQueue::new(self.max_idle);
-                let pushed = q.push(idle).is_ok();
+                let pushed = q.push(conn).is_ok();
                 pool.idle.store(Some(Arc::new(q)));
                 pushed
             }
         };
+        if !pushed {
+            return;
+        }
         // SeqCst, paired with the waiter's: either it sees the push or this sees it waiting.
-        if pushed && pool.waiting.load(Ordering::SeqCst) > 0 {
+        if pool.waiting.load(Ordering::SeqCst) > 0 {
             pool.released.notify_waiters();
+        }
+        // Read first: the flag is set nearly always, and a read does not take the cache line.
+        if !pool.reaping.load(Ordering::Acquire) && !pool.reaping.swap(true, Ordering::AcqRel) {
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn(reap(Arc::downgrade(&self.endpoint), self.idle_timeout))),
+                // Only while the process shuts down: nothing will use the connection.
+                Err(_) => pool.reaping.store(false, Ordering::Release),
+            }
         }
     }
 }
 
-impl Http1Pool {
-    /// An idle connection made with `tls`, ready for a request, if there is one.
-    async fn checkout(&self, tls: u64) -> Option<Ready> {
-        for _ in 0..MAX_STALE_POPS {
-            // The guard is not held across the wait below: a guard pins its list.
-            let Idle { mut sender, shared } = self.idle.load().as_deref()?.pop()?;
-            let since = shared.idle_since.swap(IN_USE, Ordering::AcqRel);
-            if since == CLOSED || shared.tls != tls || sender.is_closed() {
-                continue;
+/// Closes the endpoint's connections that have been idle for `idle_timeout`, until none is
+/// left idle (or the endpoint is gone).
+async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
+    let timeout_ns = idle_timeout.as_nanos() as u64;
+    let least = idle_timeout / REAPS_PER_TIMEOUT;
+    loop {
+        let next = {
+            let Some(ep) = endpoint.upgrade() else { return };
+            let pool = &ep.http1;
+            let now = clock_ns();
+            let mut soonest = None;
+            if let Some(q) = pool.idle.load_full() {
+                // Every connection is looked at once; a request may miss one meanwhile and
+                // open another, which is harmless and rare (a few times per timeout).
+                for _ in 0..q.len() {
+                    let Some(conn) = q.pop() else { break };
+                    let due = conn.idle_since.saturating_add(timeout_ns);
+                    if due <= now {
+                        continue;
+                    }
+                    soonest = Some(soonest.map_or(due, |s: u64| s.min(due)));
+                    // Full again (hand-backs meanwhile): this one closes, as any surplus would.
+                    let _ = q.push(conn);
+                }
             }
-            // Handed back as soon as the response body ended, the connection's task may not
-            // have taken note yet; it will at its next poll, or find the server closed it.
-            if sender.is_ready() || sender.ready().await.is_ok() {
-                let idle = Duration::from_nanos(clock_ns().saturating_sub(since));
-                return Some((sender, shared, idle));
+            match soonest {
+                Some(due) => Duration::from_nanos(due - now).max(least),
+                None => {
+                    pool.reaping.store(false, Ordering::Release);
+                    // A hand-back between the last look and the flag's reset found the flag
+                    // set and started no reaper: look again.
+                    let empty = pool.idle.load().as_deref().is_none_or(ArrayQueue::is_empty);
+                    if empty || pool.reaping.swap(true, Ordering::AcqRel) {
+                        return;
+                    }
+                    least
+                }
+            }
+        };
+        tokio::time::sleep(next).await;
+    }
+}
+
+impl Http1Pool {
+    /// An idle connection made with `tls`, still open, and how long it was idle.
+    fn checkout(&self, tls: u64, idle_timeout: Duration) -> Option<(Box<Conn>, Duration)> {
+        let q = self.idle.load();
+        let q = q.as_deref()?;
+        for _ in 0..MAX_STALE_POPS {
+            let mut conn = q.pop()?;
+            let idle = Duration::from_nanos(clock_ns().saturating_sub(conn.idle_since));
+            if conn.tls == tls && idle < idle_timeout && conn.still_open() {
+                return Some((conn, idle));
             }
         }
         None
@@ -166,16 +191,16 @@ impl Http1Pool {
     async fn slot_or_idle(
         &self,
         backend: &Arc<BackendState>,
-        tls: u64,
-        timeout: Duration,
-    ) -> Result<Conn, ProxyError> {
+        settings: &Http1Settings,
+    ) -> Result<Acquired, ProxyError> {
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
                 self.0.fetch_sub(1, Ordering::SeqCst);
             }
         }
-        let deadline = tokio::time::Instant::now() + timeout;
+        let tls = settings.tls_fingerprint();
+        let deadline = tokio::time::Instant::now() + settings.connect_timeout;
         self.waiting.fetch_add(1, Ordering::SeqCst);
         let _waiting = Waiting(&self.waiting);
         loop {
@@ -183,11 +208,11 @@ impl Http1Pool {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if let Some(idle) = self.checkout(tls).await {
-                return Ok(Conn::Idle(idle));
+            if let Some(idle) = self.checkout(tls, settings.idle_timeout) {
+                return Ok(Acquired::Idle(idle));
             }
             tokio::select! {
-                slot = backend.connection_slot() => return Ok(Conn::Slot(slot)),
+                slot = backend.connection_slot() => return Ok(Acquired::Slot(slot)),
                 () = &mut released => {}
                 () = tokio::time::sleep_until(deadline) => {
                     return Err(ProxyError::CircuitOpen(Breaker::MaxConnections));
@@ -197,194 +222,116 @@ impl Http1Pool {
     }
 }
 
-/// A connection ready for a request, and how long it had been idle (zero when new).
-type Ready = (SendRequest<ProxyBody>, Arc<Shared>, Duration);
-
 /// A connection handed back by another request, or the right to open one.
-enum Conn {
-    Idle(Ready),
+enum Acquired {
+    Idle((Box<Conn>, Duration)),
     Slot(ConnectionSlot),
 }
 
-/// Sends `req` to the endpoint on an idle connection or a new one. The connection comes back
-/// with the response, to be [released](PooledConn::release) when the body has been read.
+/// Sends `req` to the endpoint on an idle connection or a new one, and returns the response
+/// once its head has arrived. Its body reads from the connection, which goes back to the
+/// endpoint's idle list when the body has been read to the end.
 pub async fn send(
-    endpoint: &Arc<crate::endpoint::EndpointState>,
+    endpoint: &Arc<EndpointState>,
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
-    mut req: Request<ProxyBody>,
-) -> Result<(Response<Incoming>, PooledConn), ProxyError> {
+    req: Request<ProxyBody>,
+) -> Result<Response<ProxyBody>, ProxyError> {
     let addr = endpoint.addr();
     let tls = settings.tls_fingerprint();
+    let (parts, body) = req.into_parts();
+    // A request without a body is never polled for one, so it stays whole for a resend.
+    let mut body = Some(body).filter(|b| !b.is_end_stream());
+    let resendable = body.is_none() && is_idempotent(&parts.method);
     let mut resends = 0;
     let mut fresh = false;
     loop {
         let pooled = if fresh {
             None
         } else {
-            endpoint.http1.checkout(tls).await
+            endpoint.http1.checkout(tls, settings.idle_timeout)
         };
-        let (mut sender, shared, idle) = match pooled {
+        let (conn, idle) = match pooled {
             Some(c) => c,
-            // Boxed: connecting (TCP, TLS, handshake) is a large future, rarely needed; left
-            // inline it would make every request's future as large, and hyper moves that.
-            // (Bound first: a temporary in the awaited expression would keep its unboxed
-            // size in this future's state, since it lives until the statement ends.)
+            // Boxed: connecting (TCP, TLS) is a large future, rarely needed; left inline it
+            // would make every request's future as large, and hyper moves that. (Bound first:
+            // a temporary in the awaited expression would keep its unboxed size in this
+            // future's state, since it lives until the statement ends.)
             None => {
                 let connecting = Box::pin(connect(endpoint, backend, settings));
                 connecting.await?
             }
         };
+        let mut ex = Exchange::new(conn, &parts, body.take());
+        let failure = match ex.response_head(&parts.method).await {
+            Ok(head) => {
+                let home = Home {
+                    endpoint: Arc::clone(endpoint),
+                    max_idle: settings.max_idle,
+                    idle_timeout: settings.idle_timeout,
+                };
+                return Ok(ex.into_response(head, home));
+            }
+            Err(e) => e,
+        };
+        let io_failure = matches!(failure, ExchangeError::Io(_));
+        if io_failure && !ex.wrote_any && resends < MAX_RESENDS {
+            // Nothing of the request was written: any connection can take it.
+            body = ex.take_unsent_body();
+            resends += 1;
+            continue;
+        }
         // A server may close a connection that has been idle for a while at any moment,
         // also while our request is on its way: the request then fails without an answer.
-        // For a request that can safely be sent twice, keep a copy to send on a new
-        // connection (as nginx retries a cached connection). Busy connections are never
-        // idle that long, so this copy is off the loaded path.
-        let copy = (idle >= RESEND_AFTER_IDLE && resends < MAX_RESENDS)
-            .then(|| resendable_copy(&req))
-            .flatten();
-        match sender.try_send_request(req).await {
-            Ok(resp) => {
-                let conn = PooledConn {
-                    sender,
-                    shared,
-                    pool: Arc::clone(endpoint),
-                    max_idle: settings.max_idle,
-                };
-                return Ok((resp, conn));
-            }
-            Err(mut e) => match (e.take_message(), copy) {
-                // Never written: the connection closed as it was handed the request.
-                (Some(unsent), _) if resends < MAX_RESENDS => {
-                    resends += 1;
-                    req = unsent;
-                }
-                (None, Some(copy)) => {
-                    tracing::debug!(%addr, error = %e.error(), ?idle,
-                        "reused connection failed before answering; sending again on a new one");
-                    resends += 1;
-                    req = copy;
-                    fresh = true;
-                }
-                _ => {
-                    return Err(ProxyError::Upstream {
-                        addr,
-                        reason: root_cause(e.error()),
-                    })
-                }
-            },
+        // A request that can safely be sent twice goes again on a new connection (as nginx
+        // retries a cached connection).
+        if io_failure
+            && !ex.read_any
+            && resendable
+            && idle >= RESEND_AFTER_IDLE
+            && resends < MAX_RESENDS
+        {
+            tracing::debug!(%addr, error = %failure, ?idle,
+                "reused connection failed before answering; sending again on a new one");
+            resends += 1;
+            fresh = true;
+            continue;
         }
+        return Err(match failure {
+            ExchangeError::RequestBody(_) => {
+                ProxyError::BadRequest("the request body could not be read")
+            }
+            e => ProxyError::Upstream {
+                addr,
+                reason: e.to_string(),
+            },
+        });
     }
-}
-
-/// A copy of a request without a body and with an idempotent method (RFC 9110 section
-/// 9.2.2), the only kind sent again after it may have reached the server.
-fn resendable_copy(req: &Request<ProxyBody>) -> Option<Request<ProxyBody>> {
-    if !is_idempotent(req.method()) || !http_body::Body::is_end_stream(req.body()) {
-        return None;
-    }
-    let mut copy = Request::new(ProxyBody::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    Some(copy)
 }
 
 /// Opens a connection: a connection slot of the backend (`max_connections`), TCP, TLS when
-/// configured, the HTTP/1.1 handshake; the connection then runs in its own task, which also
-/// closes it after `idle_timeout` unused.
+/// configured.
 async fn connect(
-    endpoint: &crate::endpoint::EndpointState,
+    endpoint: &EndpointState,
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
-) -> Result<Ready, ProxyError> {
-    let addr = endpoint.addr();
+) -> Result<(Box<Conn>, Duration), ProxyError> {
+    let addr: SocketAddr = endpoint.addr();
     let timeout = settings.connect_timeout;
     let slot = match backend.try_connection_slot() {
         Some(slot) => slot,
-        None => {
-            let tls = settings.tls_fingerprint();
-            match endpoint.http1.slot_or_idle(backend, tls, timeout).await? {
-                Conn::Slot(slot) => slot,
-                Conn::Idle(ready) => return Ok(ready),
-            }
-        }
+        None => match endpoint.http1.slot_or_idle(backend, settings).await? {
+            Acquired::Slot(slot) => slot,
+            Acquired::Idle(ready) => return Ok(ready),
+        },
     };
     let tcp = connect_tcp(addr, timeout).await?;
-    let shared = Arc::new(Shared {
-        idle_since: AtomicU64::new(IN_USE),
-        tls: settings.tls_fingerprint(),
-    });
-    let sender = match &settings.tls {
-        None => handshake(tcp, addr, settings.idle_timeout, &shared, slot).await?,
-        Some(tls) => {
-            let stream = tls_handshake(tls, tcp, addr, timeout).await?;
-            handshake(stream, addr, settings.idle_timeout, &shared, slot).await?
-        }
+    let io = match &settings.tls {
+        None => Io::Plain(tcp),
+        Some(tls) => Io::Tls(Box::new(tls_handshake(tls, tcp, addr, timeout).await?)),
     };
-    Ok((sender, shared, Duration::ZERO))
-}
-
-async fn handshake<T>(
-    io: T,
-    addr: SocketAddr,
-    idle_timeout: Duration,
-    shared: &Arc<Shared>,
-    slot: ConnectionSlot,
-) -> Result<SendRequest<ProxyBody>, ProxyError>
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    let (sender, conn) = Builder::new()
-        .handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| handshake_failed(addr, &e))?;
-    let shared = Arc::clone(shared);
-    tokio::spawn(async move {
-        // Counted against `max_connections` until the connection ends.
-        let _slot = slot;
-        // Upgrades (WebSocket): after a 101 the socket goes to the tunnel.
-        let conn = conn.with_upgrades();
-        tokio::pin!(conn);
-        let idle_timer = tokio::time::sleep(idle_timeout);
-        tokio::pin!(idle_timer);
-        loop {
-            tokio::select! {
-                biased;
-                r = &mut conn => {
-                    if let Err(e) = r {
-                        tracing::debug!(%addr, error = %e, "upstream connection closed");
-                    }
-                    return;
-                }
-                () = &mut idle_timer => {
-                    let since = shared.idle_since.load(Ordering::Acquire);
-                    let now = clock_ns();
-                    let due = since.saturating_add(idle_timeout.as_nanos() as u64);
-                    if since < CLOSED && due <= now {
-                        // Unless a request took it meanwhile, it closes here; the idle list
-                        // discards it when it next comes up.
-                        if shared
-                            .idle_since
-                            .compare_exchange(since, CLOSED, Ordering::AcqRel, Ordering::Acquire)
-                            .is_ok()
-                        {
-                            return;
-                        }
-                    }
-                    // In use, or idle for less than the timeout: look again when it could be due.
-                    let wait = if since < CLOSED {
-                        Duration::from_nanos(due.saturating_sub(now))
-                    } else {
-                        idle_timeout
-                    };
-                    idle_timer
-                        .as_mut()
-                        .reset(tokio::time::Instant::now() + wait.max(Duration::from_millis(1)));
-                }
-            }
-        }
-    });
-    Ok(sender)
+    Ok((
+        Conn::new(io, settings.tls_fingerprint(), slot),
+        Duration::ZERO,
+    ))
 }

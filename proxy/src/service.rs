@@ -21,7 +21,7 @@ use crate::breaker::Breaker;
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
-use crate::pool::{self, PooledConn};
+use crate::pool;
 use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
@@ -199,7 +199,6 @@ async fn proxy(
         in_flight: None,
         backend_slot: None,
         bytes: 0,
-        conn: None,
     };
 
     let (route, target) = match found {
@@ -389,8 +388,6 @@ async fn forward(
     let mut retries = 0u32;
     let mut retry_slot = None;
     let mut last = None;
-    // The keep-alive connection of the last attempt's response (`http1`).
-    let mut conn = None;
     let (ep, in_flight, mut resp) = loop {
         let Some(i) = pick_endpoint(backend, hash, last) else {
             let err = ProxyError::NoEndpoints(backend.unavailable_reason());
@@ -404,12 +401,7 @@ async fn forward(
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();
-        let mut result = attempt(backend, ep, upstream_req, deadline, policy)
-            .await
-            .map(|(r, c)| {
-                conn = c;
-                r.map(ProxyBody::Upstream)
-            });
+        let mut result = attempt(backend, ep, upstream_req, deadline, policy).await;
         if let (Ok(r), Some(p)) = (&mut result, policy) {
             // Worth reading ahead only when a gRPC failure could still be retried.
             let could_retry = retries < p.retries && sendable.replays() && may_retry_status;
@@ -465,13 +457,22 @@ async fn forward(
             };
             return fail(err, version, backend, done);
         };
-        let up = hyper::upgrade::on(&mut resp);
+        let up = match std::mem::replace(resp.body_mut(), ProxyBody::empty()) {
+            ProxyBody::H1(b) => b.into_upgraded(),
+            _ => None,
+        };
+        let Some(up) = up else {
+            let err = ProxyError::Upstream {
+                addr: ep.addr,
+                reason: "switched protocols on a connection that cannot be tunnelled".into(),
+            };
+            return fail(err, version, backend, done);
+        };
         // The tunnel holds the endpoint's in-flight slot for as long as it lasts; the
         // connection is the tunnel's now, never pooled again.
         tokio::spawn(tunnel(down, up, ep.addr, in_flight));
     } else {
         done.in_flight = Some(in_flight);
-        done.conn = conn;
     }
     *resp.version_mut() = version;
     finish_response(route, &mut resp, &done);
@@ -487,12 +488,10 @@ async fn attempt(
     req: Request<ProxyBody>,
     deadline: Option<(tokio::time::Instant, Duration)>,
     policy: Option<&RetryPolicy>,
-) -> Result<(Response<Incoming>, Option<PooledConn>), ProxyError> {
+) -> Result<Response<ProxyBody>, ProxyError> {
     let send = async {
         match &backend.upstream {
-            Upstream::Http1(settings) => pool::send(&ep.state, &backend.state, settings, req)
-                .await
-                .map(|(r, c)| (r, Some(c))),
+            Upstream::Http1(settings) => pool::send(&ep.state, &backend.state, settings, req).await,
             Upstream::H2 {
                 connect_timeout,
                 tls,
@@ -501,7 +500,7 @@ async fn attempt(
                 .h2
                 .send(ep.addr, *connect_timeout, tls.as_deref(), req)
                 .await
-                .map(|r| (r, None)),
+                .map(|r| r.map(ProxyBody::Upstream)),
         }
     };
     let per_try = policy
@@ -816,22 +815,26 @@ impl Sendable {
     }
 }
 
-/// Copies bytes both ways after a successful protocol switch.
+/// Copies bytes both ways after a successful protocol switch: first what the upstream sent
+/// right behind its 101, then whatever either side sends.
 async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
-    up: hyper::upgrade::OnUpgrade,
+    (mut up, early): (crate::h1_client::Io, bytes::Bytes),
     addr: SocketAddr,
     _in_flight: crate::endpoint::InFlight,
 ) {
-    match tokio::try_join!(down, up) {
-        Ok((d, u)) => {
-            let mut d = TokioIo::new(d);
-            let mut u = TokioIo::new(u);
-            if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
-            }
+    use tokio::io::AsyncWriteExt as _;
+    let mut d = match down.await {
+        Ok(d) => TokioIo::new(d),
+        Err(e) => return tracing::debug!(%addr, error = %e, "protocol upgrade failed"),
+    };
+    if !early.is_empty() {
+        if let Err(e) = d.write_all(&early).await {
+            return tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
         }
-        Err(e) => tracing::debug!(%addr, error = %e, "protocol upgrade failed"),
+    }
+    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut up).await {
+        tracing::debug!(%addr, error = %e, "upgraded connection ended with an error");
     }
 }
 
