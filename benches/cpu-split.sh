@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# Where a keep-alive request's CPU goes, for Strait builds and for nginx as the proxy:
+#
+#   bash benches/cpu-split.sh [BIN | nginx]...
+#
+# Each target runs with one worker on CPU 1 in front of the nginx backend of benches/lib.sh
+# (127.0.0.1:18091, 64-byte body, CPU 0), listening on 127.0.0.1:18402. wrk (1 thread, CONNS
+# connections, CPU 0) warms it for 3 s, then loads it for DUR seconds; the proxy's user and
+# system CPU time over that run (/proc/PID/stat) are divided by the requests wrk completed.
+# With SYSCALLS=1 a second run counts the proxy's syscalls per request (perf stat on the
+# syscalls:sys_enter_* tracepoints; needs perf and root). Targets are measured one after the
+# other, ROUNDS times in turn. Knobs: DUR (8), CONNS (50), ROUNDS (2), SYSCALLS (0).
+# BIN defaults to the release build. Needs nginx, wrk and curl.
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DUR=${DUR:-8}
+CONNS=${CONNS:-50}
+ROUNDS=${ROUNDS:-2}
+SYSCALLS=${SYSCALLS:-0}
+work=$(mktemp -d "${TMPDIR:-/tmp}/strait-cpu-split.XXXXXX")
+pids=()
+# shellcheck source=benches/lib.sh
+. "$root/benches/lib.sh"
+
+targets=("$@")
+[ ${#targets[@]} -gt 0 ] || targets=("$root/target/release/strait")
+for t in "${targets[@]}"; do
+  [ "$t" = nginx ] || [ -x "$t" ] || die "not an executable: $t (build first: cargo build --release --locked)"
+done
+need nginx wrk curl
+[ "$SYSCALLS" = 0 ] || need perf
+
+cat >"$work/strait.yaml" <<YAML
+admin: {address: "127.0.0.1:19912"}
+access_log: {enabled: false}
+listeners:
+  - name: bench
+    address: 127.0.0.1:18402
+    routes:
+      - name: all
+        forward: {backend: app}
+backends:
+  - name: app
+    endpoints: ["127.0.0.1:18091"]
+YAML
+{
+  # One process: the CPU time read is the worker's.
+  echo "master_process off;"
+  nginx_head proxy 8192
+  cat <<NGINX
+  upstream be { server 127.0.0.1:18091; keepalive 256; keepalive_requests 10000000; }
+  server {
+    listen 127.0.0.1:18402 backlog=4096;
+    location / { proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+NGINX
+} >"$work/proxy.conf"
+
+start_backend
+
+cpu_ticks() { awk '{print $14 + 0, $15 + 0}' "/proc/$1/stat"; }
+
+measure() {  # target
+  local t=$1 pid reqs u0 s0 u1 s1
+  if [ "$t" = nginx ]; then
+    taskset -c 1 nginx -c "$work/proxy.conf" &
+  else
+    taskset -c 1 "$t" --config "$work/strait.yaml" --worker-threads 1 --log-level warn &
+  fi
+  pid=$!
+  pids+=("$pid")
+  wait_ok http://127.0.0.1:18402/
+  taskset -c 0 wrk -t1 -c"$CONNS" -d3s http://127.0.0.1:18402/ >/dev/null
+  read -r u0 s0 < <(cpu_ticks "$pid")
+  taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" http://127.0.0.1:18402/ >"$work/wrk.out"
+  read -r u1 s1 < <(cpu_ticks "$pid")
+  reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+  awk -v n="$(basename "$t")" -v r="$reqs" -v d="$DUR" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
+      -v hz="$(getconf CLK_TCK)" 'BEGIN {
+    printf "%-14s %9.0f req/s   user %5.2f us/req   sys %5.2f us/req\n",
+      n, r / d, u * 1e6 / hz / r, s * 1e6 / hz / r }'
+  if [ "$SYSCALLS" != 0 ]; then
+    taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" http://127.0.0.1:18402/ >"$work/wrk.out" &
+    local w=$!
+    perf stat -e 'syscalls:sys_enter_*' -p "$pid" -o "$work/perf.txt" -- sleep $((DUR - 2)) >/dev/null 2>&1
+    wait "$w"
+    # The requests of the perf window, taken at wrk's average rate.
+    local rate
+    rate=$(awk -v d="$DUR" '/requests in/ {print $1 / d}' "$work/wrk.out")
+    awk -v r="$rate" -v d=$((DUR - 2)) '$1 ~ /^[0-9,]+$/ {
+      n = $1; gsub(",", "", n); if (n / (r * d) >= 0.01) printf "    %-34s %6.3f per request\n", $2, n / (r * d) }' \
+      "$work/perf.txt"
+  fi
+  kill "$pid"
+  wait "$pid" 2>/dev/null || true
+}
+
+echo "# keep-alive, one worker on CPU 1, wrk -c$CONNS on CPU 0, ${DUR}s per run"
+for _ in $(seq "$ROUNDS"); do
+  for t in "${targets[@]}"; do measure "$t"; done
+done
