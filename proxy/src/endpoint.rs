@@ -97,8 +97,8 @@ impl EndpointState {
         }
     }
 
-    fn observe(&self, rtt_ns: f64) {
-        let now = clock_ns();
+    /// Blends in a latency sample taken at `now` (`clock_ns()`).
+    fn observe(&self, rtt_ns: f64, now: u64) {
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let age = now.saturating_sub(self.stamp_ns.load(Ordering::Relaxed));
         // Peak: a slower sample replaces the average at once; faster ones blend in.
@@ -147,8 +147,8 @@ pub struct InFlight {
 impl InFlight {
     /// Records the time to response headers in the endpoint's latency estimate.
     pub fn record_latency(&self) {
-        let rtt = clock_ns().saturating_sub(self.started_ns);
-        self.state.observe(rtt as f64);
+        let now = clock_ns();
+        self.state.observe(now.saturating_sub(self.started_ns) as f64, now);
     }
 }
 
@@ -225,7 +225,7 @@ mod tests {
     #[test]
     fn peak_ewma_jumps_up_at_once() {
         let s = EndpointState::detached("10.0.0.1:80".parse().unwrap());
-        s.observe(500e6);
+        s.observe(500e6, clock_ns());
         assert!(s.ewma_ns() > 400e6);
     }
 }
