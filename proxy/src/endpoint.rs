@@ -148,7 +148,8 @@ impl InFlight {
     /// Records the time to response headers in the endpoint's latency estimate.
     pub fn record_latency(&self) {
         let now = clock_ns();
-        self.state.observe(now.saturating_sub(self.started_ns) as f64, now);
+        self.state
+            .observe(now.saturating_sub(self.started_ns) as f64, now);
     }
 }
 
