@@ -228,6 +228,12 @@ impl Exchange {
         self.out.is_none() && self.wpos >= self.conn.wbuf.len() && !self.unflushed
     }
 
+    /// Whether the connection can carry another request, the response having been read to its
+    /// end: the whole request went out and nothing arrived past the response.
+    fn ended_cleanly(&self) -> bool {
+        self.sent() && !self.broken && self.conn.rbuf.is_empty()
+    }
+
     /// Writes the request, taking body frames as the socket accepts them.
     fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ExchangeError>> {
         loop {
@@ -409,7 +415,7 @@ impl Exchange {
             if n <= self.conn.rbuf.len() as u64 {
                 let data = self.conn.rbuf.split_to(n as usize).freeze();
                 self.poll_send_alongside(&mut Context::from_waker(Waker::noop()));
-                if keep_alive && self.sent() && !self.broken && self.conn.rbuf.is_empty() {
+                if keep_alive && self.ended_cleanly() {
                     home.put(self.conn);
                 }
                 *resp.body_mut() = ProxyBody::from(data);
@@ -462,7 +468,7 @@ impl H1Body {
             return;
         };
         ex.poll_send_alongside(&mut Context::from_waker(Waker::noop()));
-        if self.keep_alive && ex.sent() && !ex.broken && ex.conn.rbuf.is_empty() {
+        if self.keep_alive && ex.ended_cleanly() {
             if let Some(home) = self.home.take() {
                 home.put(ex.conn);
             }
