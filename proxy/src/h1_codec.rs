@@ -189,7 +189,19 @@ pub(crate) fn parse_response_head(
             headers.append(name, value);
         }
         let framing = body_framing(status, version, &headers, method)?;
-        let keep_alive = keeps_alive(version, &headers) && framing != BodyFraming::UntilClose;
+        let mut keep_alive = keeps_alive(version, &headers) && framing != BodyFraming::UntilClose;
+        // Both framings at once: chunked wins (RFC 9112 section 6.3), the length must not reach
+        // the client, and a server that sends both is not trusted with another request.
+        if headers.contains_key(header::TRANSFER_ENCODING)
+            && headers.contains_key(header::CONTENT_LENGTH)
+        {
+            headers.remove(header::CONTENT_LENGTH);
+            keep_alive = false;
+        }
+        // After a 2xx to CONNECT the connection is a tunnel, never a pooled connection.
+        if method == Method::CONNECT && status.is_success() {
+            keep_alive = false;
+        }
         return Ok(Some(ResponseHead {
             status,
             version,
@@ -468,7 +480,19 @@ mod tests {
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\ncontent-length: 9\r\n\r\n",
                 &get,
                 BodyFraming::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+                &get,
+                BodyFraming::Chunked,
                 true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\n\r\n",
+                &Method::CONNECT,
+                BodyFraming::Empty,
+                false,
             ),
             (
                 "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\n",
@@ -522,6 +546,9 @@ mod tests {
         for (text, method, framing, keep_alive) in cases {
             let h = head(text, method).unwrap().unwrap();
             assert_eq!((h.framing, h.keep_alive), (framing, keep_alive), "{text}");
+            if h.framing == BodyFraming::Chunked {
+                assert!(!h.headers.contains_key(header::CONTENT_LENGTH), "{text}");
+            }
         }
         for bad in [
             "HTTP/1.1 200 OK\r\ncontent-length: 5, 6\r\n\r\n",
