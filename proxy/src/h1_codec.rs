@@ -169,19 +169,22 @@ pub(crate) fn parse_response_head(
         };
         // The head's bytes are frozen once; each value is a slice of them.
         let count = resp.headers.len();
-        let mut offsets = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+        // Positions in the head (at most MAX_HEAD_BYTES, so u32), as the fields borrow `buf`.
+        let mut offsets = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
         let base = buf.as_ptr() as usize;
+        let at = |p: *const u8| (p as usize - base) as u32;
         for (o, h) in offsets.iter_mut().zip(resp.headers.iter()) {
             *o = (
-                h.name.as_ptr() as usize - base,
-                h.name.len(),
-                h.value.as_ptr() as usize - base,
-                h.value.len(),
+                at(h.name.as_ptr()),
+                h.name.len() as u32,
+                at(h.value.as_ptr()),
+                h.value.len() as u32,
             );
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
         for &(n, nl, v, vl) in &offsets[..count] {
+            let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
             let name = HeaderName::from_bytes(&head[n..n + nl])
                 .map_err(|_| H1Error::Head(httparse::Error::HeaderName))?;
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))

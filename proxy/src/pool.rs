@@ -11,7 +11,6 @@
 //! it is noticed when it is next taken (tokio has marked the socket readable), and a
 //! per-endpoint reaper closes connections idle for longer than `idle_timeout`.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -316,7 +315,7 @@ async fn connect(
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
 ) -> Result<(Box<Conn>, Duration), ProxyError> {
-    let addr: SocketAddr = endpoint.addr();
+    let addr = endpoint.addr();
     let timeout = settings.connect_timeout;
     let slot = match backend.try_connection_slot() {
         Some(slot) => slot,
