@@ -397,6 +397,114 @@ async fn slow_request_headers_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_keep_alive_wait_is_bounded_by_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = TestProxy::start(&answering_ok("{header_read_timeout: 300ms}")).await;
+    let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 512];
+    for _ in 0..3 {
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "kept alive between requests"
+        );
+    }
+    // No next request: the connection is closed once the head timeout has passed since the
+    // last response, long before the 5 minutes of idle_timeout.
+    let started = std::time::Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed within 5s")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed, not answered");
+    assert!(started.elapsed() >= Duration::from_millis(200));
+}
+
+/// The head timeout runs only while no request is in progress: a slow upstream, a response
+/// body with long pauses and a quiet WebSocket all outlast it.
+#[tokio::test]
+async fn requests_and_tunnels_in_progress_outlast_header_read_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let limits = "limits: {header_read_timeout: 200ms}\n";
+
+    let slow = Upstream::start_with_delay("slow", Duration::from_millis(700)).await;
+    let proxy = TestProxy::start(&format!("{limits}{}", one_backend(slow.addr, ""))).await;
+    let r = get(&client(), &proxy.url("/")).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "slow"));
+
+    // An upstream that pauses in the middle of its body.
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let paused = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut b).await.unwrap();
+                    assert!(n > 0, "request head");
+                    head.extend_from_slice(&b[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nab")
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                s.write_all(b"cd").await.unwrap();
+            });
+        }
+    });
+    let proxy = TestProxy::start(&format!("{limits}{}", one_backend(paused, ""))).await;
+    let r = get(&client(), &proxy.url("/")).await;
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "abcd"));
+
+    let echo = ws_echo().await;
+    let proxy = TestProxy::start(&format!("{limits}{}", one_backend(echo, ""))).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", proxy.addr))
+        .await
+        .expect("upgrade through the proxy");
+    for text in ["first", "after a quiet spell"] {
+        ws.send(text.into()).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap(), text);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+}
+
+/// HTTP/2 connections have no head timer: one that stays quiet between requests (before
+/// the first one too) is kept for idle_timeout.
+#[tokio::test]
+async fn a_quiet_h2c_connection_outlasts_header_read_timeout() {
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        "limits: {{header_read_timeout: 200ms}}\n{}",
+        one_backend(up.addr, "")
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let tcp = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let req = http::Request::get(proxy.url("/"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let r = send
+            .send_request(req)
+            .await
+            .expect("same connection still open");
+        assert_eq!(r.status(), 200);
+    }
+    assert!(!conn.is_finished());
+}
+
+#[tokio::test]
 async fn idle_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let proxy = TestProxy::start(&answering_ok("{idle_timeout: 300ms}")).await;

@@ -12,6 +12,7 @@ use hyper::body::Incoming;
 use crate::endpoint::InFlight;
 use crate::h1_client::H1Body;
 use crate::metrics::TargetMetrics;
+use crate::service::InRequest;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -209,12 +210,17 @@ impl Completion {
 pub struct ObservedBody {
     inner: ProxyBody,
     done: Option<Completion>,
+    request: Option<InRequest>,
 }
 
 impl ObservedBody {
     /// A body with nothing to record (responses outside any route, e.g. after a panic).
     pub fn bare(inner: ProxyBody) -> Self {
-        Self { inner, done: None }
+        Self {
+            inner,
+            done: None,
+            request: None,
+        }
     }
 
     /// Wraps a body.
@@ -222,7 +228,14 @@ impl ObservedBody {
         Self {
             inner,
             done: Some(done),
+            request: None,
         }
+    }
+
+    /// Keeps the request counted as in progress on its connection until the body ends.
+    pub(crate) fn in_request(mut self, request: InRequest) -> Self {
+        self.request = Some(request);
+        self
     }
 }
 
@@ -242,11 +255,9 @@ impl Body for ObservedBody {
                     d.bytes += data.len() as u64;
                 }
             }
-            Poll::Ready(None) => {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
                 this.done.take();
-            }
-            Poll::Ready(Some(Err(_))) => {
-                this.done.take();
+                this.request.take();
             }
             Poll::Pending => {}
         }

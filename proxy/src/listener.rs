@@ -5,6 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -145,7 +146,9 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        // The I/O wrapper enforces `header_read_timeout` (`IdleTimeout::with_head_timeout`)
+        // without a timer operation per request.
+        .header_read_timeout(None)
         .max_buf_size(limits.max_request_header_bytes)
         .max_headers(limits.max_request_headers)
         .keep_alive(true);
@@ -173,6 +176,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
             scheme: "http",
             tls: None,
             hsts: None,
+            activity: Arc::default(),
         };
         // The drain waits for this watcher: a connection still in its TLS handshake counts.
         let watcher = graceful.watcher();
@@ -180,7 +184,12 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         let idle = limits.idle_timeout;
         let handshake_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            let io = IdleTimeout::new(stream, idle);
+            let io = IdleTimeout::with_head_timeout(
+                stream,
+                idle,
+                handshake_timeout,
+                Arc::clone(&conn_cx.activity),
+            );
             // The TLS settings of the table in force when the connection arrived.
             let tls = {
                 let guard = conn_cx.table.load();
@@ -196,6 +205,9 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
                     let result = tokio::time::timeout(handshake_timeout, tls.accept(io)).await;
                     let outcome = match result {
                         Ok(Ok(accepted)) => {
+                            if accepted.stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                                conn_cx.activity.mark_h2();
+                            }
                             let cx = ConnContext {
                                 scheme: "https",
                                 tls: Some(crate::service::ConnTls {
@@ -278,13 +290,62 @@ pub struct BindError {
     pub source: io::Error,
 }
 
-/// Closes a connection on which no byte moved for `idle`. The timer is checked only when a
-/// read would block, and re-armed lazily, so busy connections pay one clock read per I/O.
+/// The requests in progress on one downstream connection, as its I/O wrapper needs to know
+/// them: a request head is due only while none is.
+#[derive(Debug, Default)]
+pub struct ConnActivity {
+    /// Requests from the handler's call to the end of their response body, and tunnels
+    /// (upgraded connections) while they last.
+    in_flight: AtomicU32,
+    /// HTTP/2: requests are streams, and no head timer applies to the connection.
+    h2: AtomicBool,
+}
+
+impl ConnActivity {
+    /// A request or tunnel begins; [`ConnActivity::end`] must follow.
+    pub fn begin(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A request's response (or a tunnel) has ended.
+    pub fn end(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The connection speaks HTTP/2.
+    pub(crate) fn mark_h2(&self) {
+        self.h2.store(true, Ordering::Relaxed);
+    }
+
+    fn awaits_head(&self) -> bool {
+        !self.h2.load(Ordering::Relaxed) && self.in_flight.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// The request-head deadline of an HTTP/1.1 connection.
+struct HeadTimeout {
+    timeout: Duration,
+    activity: Arc<ConnActivity>,
+    /// When the connection last had no head to wait for: its start, a write (a response
+    /// ends with one), or a check that found a request in progress.
+    since: Instant,
+    /// Whether the first bytes have been read (and looked at for the HTTP/2 preface).
+    started: bool,
+}
+
+/// Closes a connection on which no byte moved for `idle`, and (HTTP/1.1 connections made with
+/// [`IdleTimeout::with_head_timeout`]) one that has not delivered a complete request head
+/// within the head timeout of its start or of its last response: slow request heads
+/// (slowloris) and idle keep-alive connections. The timer is armed for the earliest moment
+/// either could pass, checked only when a read would block, and re-armed lazily: both
+/// deadlines only move later, so busy connections pay one clock read per I/O and no timer
+/// operation per request (hyper's own header timer arms and cancels one per request).
 pub(crate) struct IdleTimeout<T = TcpStream> {
     io: T,
     idle: Duration,
     last: Instant,
     timer: Pin<Box<Sleep>>,
+    head: Option<HeadTimeout>,
 }
 
 impl<T> IdleTimeout<T> {
@@ -294,20 +355,63 @@ impl<T> IdleTimeout<T> {
             idle,
             last: Instant::now(),
             timer: Box::pin(tokio::time::sleep(idle)),
+            head: None,
+        }
+    }
+
+    /// Also enforces a request-head deadline, while `activity` shows no request in progress.
+    pub(crate) fn with_head_timeout(
+        io: T,
+        idle: Duration,
+        timeout: Duration,
+        activity: Arc<ConnActivity>,
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            io,
+            idle,
+            last: now,
+            timer: Box::pin(tokio::time::sleep_until(now + idle.min(timeout))),
+            head: Some(HeadTimeout {
+                timeout,
+                activity,
+                since: now,
+                started: false,
+            }),
+        }
+    }
+
+    fn wrote(&mut self) {
+        self.last = Instant::now();
+        if let Some(h) = &mut self.head {
+            h.since = self.last;
         }
     }
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
             ready!(self.timer.as_mut().poll(cx));
-            let deadline = self.last + self.idle;
-            if deadline <= Instant::now() {
+            let now = Instant::now();
+            let mut next = self.last + self.idle;
+            if next <= now {
                 return Poll::Ready(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "connection idle timeout",
                 ));
             }
-            self.timer.as_mut().reset(deadline);
+            if let Some(h) = &mut self.head {
+                if !h.activity.awaits_head() {
+                    // A head can fall due only after the request (or tunnel) ends.
+                    h.since = now;
+                } else if h.since + h.timeout <= now {
+                    return Poll::Ready(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head timeout",
+                    ));
+                }
+                next = next.min(h.since + h.timeout);
+            }
+            self.timer.as_mut().reset(next);
         }
     }
 }
@@ -319,9 +423,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(r) => {
                 this.last = Instant::now();
+                if let Some(h) = &mut this.head {
+                    if !h.started && buf.filled().len() > before {
+                        h.started = true;
+                        // The HTTP/2 connection preface (prior knowledge) begins so; no
+                        // HTTP/1.1 method is called PRI.
+                        if buf.filled()[before..].starts_with(b"PRI ") {
+                            h.activity.mark_h2();
+                        }
+                    }
+                }
                 Poll::Ready(r)
             }
             Poll::Pending => this.poll_idle(cx).map(Err),
@@ -337,7 +452,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = ready!(Pin::new(&mut this.io).poll_write(cx, buf));
-        this.last = Instant::now();
+        this.wrote();
         Poll::Ready(r)
     }
 
@@ -348,7 +463,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleTimeout<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = ready!(Pin::new(&mut this.io).poll_write_vectored(cx, bufs));
-        this.last = Instant::now();
+        this.wrote();
         Poll::Ready(r)
     }
 

@@ -4,8 +4,10 @@
 //! a table swap never changes a request already in flight and never waits for one.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,7 @@ use crate::breaker::Breaker;
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
+use crate::listener::ConnActivity;
 use crate::pool;
 use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
@@ -50,6 +53,26 @@ pub struct ConnContext {
     pub tls: Option<ConnTls>,
     /// `Strict-Transport-Security` for every response (HTTPS listeners with `hsts`).
     pub hsts: Option<HeaderValue>,
+    /// The requests in progress, for the connection's request-head timer.
+    pub activity: Arc<ConnActivity>,
+}
+
+/// One request (until its response body ends) or tunnel in progress on a connection; the
+/// connection's request-head timer waits while any is.
+#[derive(Debug)]
+pub struct InRequest(Arc<ConnContext>);
+
+impl InRequest {
+    fn begin(cx: Arc<ConnContext>) -> Self {
+        cx.activity.begin();
+        Self(cx)
+    }
+}
+
+impl Drop for InRequest {
+    fn drop(&mut self) {
+        self.0.activity.end();
+    }
 }
 
 /// What a TLS handshake established for a connection.
@@ -70,8 +93,10 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ObservedBody>, Infallible> {
     let version = req.version();
+    let busy = InRequest::begin(cx);
+    let cx = &busy.0;
     let mut ids = None;
-    let result = AssertUnwindSafe(proxy(&cx, req, &mut ids))
+    let result = AssertUnwindSafe(proxy(cx, req, &mut ids))
         .catch_unwind()
         .await;
     match result {
@@ -80,7 +105,7 @@ pub async fn handle(
                 resp.headers_mut()
                     .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
             }
-            Ok(resp)
+            Ok(resp.map(|b| b.in_request(busy)))
         }
         Err(_) => {
             metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
@@ -97,7 +122,7 @@ pub async fn handle(
             let mut resp = error_response(&ProxyError::Internal, version);
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Ok(resp.map(ObservedBody::bare))
+            Ok(resp.map(|b| ObservedBody::bare(b).in_request(busy)))
         }
     }
 }
@@ -105,7 +130,7 @@ pub async fn handle(
 /// `ids` gets the request id and trace context as soon as they exist, so that a panic
 /// can still be logged with them.
 async fn proxy(
-    cx: &ConnContext,
+    cx: &Arc<ConnContext>,
     mut req: Request<Incoming>,
     ids: &mut Option<(HeaderValue, TraceContext)>,
 ) -> Response<ObservedBody> {
@@ -245,7 +270,7 @@ async fn proxy(
         // the await: a temporary in the awaited expression lives until the statement ends,
         // so the unboxed future would still take its size in this future's state.
         Action::Forward(_) => {
-            let forwarding = Box::pin(forward(cx, &route, target, req, done));
+            let forwarding = boxed_in_place(|| forward(cx, &route, target, req, done));
             let mut resp = forwarding.await;
             if let Some(h) = &limit_headers {
                 h.apply(resp.headers_mut());
@@ -259,6 +284,13 @@ async fn proxy(
     }
     done.status = resp.status();
     resp.map(|b| ObservedBody::new(b, done))
+}
+
+/// Boxes a large future made by `make`. Allocating first and writing the future straight
+/// into the box lets the compiler build it there; `Box::pin(make())` builds it on the stack
+/// and copies all of it (kilobytes for the forwarding future) into the box.
+fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 /// A forward route's backend for this request (weighted split) and its metrics.
@@ -276,7 +308,7 @@ fn pick_target(table: &RouteTable, route: &Route) -> Option<Picked> {
 }
 
 async fn forward(
-    cx: &ConnContext,
+    cx: &Arc<ConnContext>,
     route: &Arc<Route>,
     target: Option<Picked>,
     mut req: Request<Incoming>,
@@ -470,7 +502,8 @@ async fn forward(
         };
         // The tunnel holds the endpoint's in-flight slot for as long as it lasts; the
         // connection is the tunnel's now, never pooled again.
-        tokio::spawn(tunnel(down, up, ep.addr, in_flight));
+        let busy = InRequest::begin(Arc::clone(cx));
+        tokio::spawn(tunnel(down, up, ep.addr, (in_flight, busy)));
     } else {
         done.in_flight = Some(in_flight);
     }
@@ -821,7 +854,7 @@ async fn tunnel(
     down: hyper::upgrade::OnUpgrade,
     (mut up, early): (crate::h1_client::Io, bytes::Bytes),
     addr: SocketAddr,
-    _in_flight: crate::endpoint::InFlight,
+    _held: (crate::endpoint::InFlight, InRequest),
 ) {
     use tokio::io::AsyncWriteExt as _;
     let mut d = match down.await {
