@@ -35,14 +35,18 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// through, since the upstream must see them to switch protocols. `TE: trailers` passes
 /// through: gRPC requires it and it is the one TE value every hop may forward.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // Most messages carry none: one pass over the few names present is far cheaper than a
-    // hashed removal of every hop-by-hop name.
-    if !headers.keys().any(is_hop_by_hop) {
+    // One pass over the few names present finds which hop-by-hop names there are (usually
+    // none in requests, `Connection` in responses); only those are then removed, each
+    // removal being a hashed lookup.
+    let present = headers
+        .keys()
+        .fold(0u8, |bits, name| bits | hop_by_hop_bit(name));
+    if present == 0 {
         return;
     }
     // Headers named in Connection are hop-by-hop too. Collecting only when Connection
     // lists something other than the usual tokens keeps the common path allocation-free.
-    if headers.contains_key(header::CONNECTION) {
+    if present & CONNECTION_BIT != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -60,39 +64,70 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
             headers.remove(n);
         }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(header::TE);
-    headers.remove(header::TRANSFER_ENCODING);
-    headers.remove(header::PROXY_AUTHENTICATE);
-    headers.remove(header::PROXY_AUTHORIZATION);
+    let te_trailers = present & TE_BIT != 0
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (bit, name) in [
+        (KEEP_ALIVE_BIT, &KEEP_ALIVE),
+        (PROXY_CONNECTION_BIT, &PROXY_CONNECTION),
+        (TE_BIT, &header::TE),
+        (TRANSFER_ENCODING_BIT, &header::TRANSFER_ENCODING),
+        (PROXY_AUTHENTICATE_BIT, &header::PROXY_AUTHENTICATE),
+        (PROXY_AUTHORIZATION_BIT, &header::PROXY_AUTHORIZATION),
+    ] {
+        if present & bit != 0 {
+            headers.remove(name);
+        }
+    }
     if upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
-        headers.remove(header::CONNECTION);
-        headers.remove(header::UPGRADE);
+        if present & CONNECTION_BIT != 0 {
+            headers.remove(header::CONNECTION);
+        }
+        if present & UPGRADE_BIT != 0 {
+            headers.remove(header::UPGRADE);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+const CONNECTION_BIT: u8 = 1;
+const TE_BIT: u8 = 1 << 1;
+const TRANSFER_ENCODING_BIT: u8 = 1 << 2;
+const UPGRADE_BIT: u8 = 1 << 3;
+const PROXY_AUTHENTICATE_BIT: u8 = 1 << 4;
+const PROXY_AUTHORIZATION_BIT: u8 = 1 << 5;
+const KEEP_ALIVE_BIT: u8 = 1 << 6;
+const PROXY_CONNECTION_BIT: u8 = 1 << 7;
+
+fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+    if name == header::CONNECTION {
+        CONNECTION_BIT
+    } else if name == header::TE {
+        TE_BIT
+    } else if name == header::TRANSFER_ENCODING {
+        TRANSFER_ENCODING_BIT
+    } else if name == header::UPGRADE {
+        UPGRADE_BIT
+    } else if name == header::PROXY_AUTHENTICATE {
+        PROXY_AUTHENTICATE_BIT
+    } else if name == header::PROXY_AUTHORIZATION {
+        PROXY_AUTHORIZATION_BIT
+    } else if name == KEEP_ALIVE {
+        KEEP_ALIVE_BIT
+    } else if name == PROXY_CONNECTION {
+        PROXY_CONNECTION_BIT
+    } else {
+        0
+    }
 }
 
 /// The client's IP as a header value, built once per connection.
@@ -171,6 +206,30 @@ mod tests {
         assert!(h.get(header::CONNECTION).is_none());
         assert_eq!(h.get(header::TE).unwrap(), "trailers");
         assert_eq!(h.get("x-kept").unwrap(), "1");
+    }
+
+    #[test]
+    fn removes_each_hop_by_hop_name_and_keeps_an_upgrade() {
+        let mut h = HeaderMap::new();
+        for (n, v) in [
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("transfer-encoding", "chunked"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-authorization", "Basic eA=="),
+            ("proxy-connection", "keep-alive"),
+            ("x-kept", "1"),
+        ] {
+            h.insert(HeaderName::from_static(n), HeaderValue::from_static(v));
+        }
+        let mut plain = h.clone();
+        remove_hop_by_hop(&mut h, true);
+        let names: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["connection", "upgrade", "x-kept"]);
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "upgrade");
+        remove_hop_by_hop(&mut plain, false);
+        let names: Vec<&str> = plain.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept"]);
     }
 
     #[test]
