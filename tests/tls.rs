@@ -226,6 +226,132 @@ async fn alpn_negotiates_h2_and_tls_below_1_2_is_refused() {
     }
 }
 
+/// The cipher `openssl s_client` negotiates when it offers `offer` (`-ciphersuites` for TLS
+/// 1.3, `-cipher` for TLS 1.2).
+fn negotiated_cipher(addr: std::net::SocketAddr, version: &str, offer: &str) -> String {
+    let flag = if version == "-tls1_3" {
+        "-ciphersuites"
+    } else {
+        "-cipher"
+    };
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {addr} -servername a.test {version} {flag} {offer} </dev/null 2>&1"
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.split_once("Cipher is ").map(|(_, c)| c.trim().to_owned()))
+        .unwrap_or_else(|| panic!("no cipher negotiated: {text}"))
+}
+
+// openssl blocks this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aes_128_is_preferred_unless_the_client_puts_chacha20_first() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-ciphers");
+    ca.issue("a", &["a.test"]);
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
+    let b = Binary::start(&cfg).await;
+    let addr = listener(&b, "secure");
+    for (version, offer, expected) in [
+        (
+            "-tls1_3",
+            "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256:TLS_CHACHA20_POLY1305_SHA256",
+            "TLS_AES_128_GCM_SHA256",
+        ),
+        (
+            "-tls1_3",
+            "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256",
+            "TLS_CHACHA20_POLY1305_SHA256",
+        ),
+        (
+            "-tls1_3",
+            "TLS_AES_256_GCM_SHA384",
+            "TLS_AES_256_GCM_SHA384",
+        ),
+        (
+            "-tls1_2",
+            "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-ECDSA-AES128-GCM-SHA256",
+        ),
+        (
+            "-tls1_2",
+            "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+            "ECDHE-ECDSA-CHACHA20-POLY1305",
+        ),
+    ] {
+        assert_eq!(
+            negotiated_cipher(addr, version, offer),
+            expected,
+            "{version} offering {offer}"
+        );
+    }
+}
+
+/// HTTP/2 (by ALPN) connections have no request-head timer: one that stays quiet before and
+/// between its requests is kept.
+#[tokio::test]
+async fn a_quiet_h2_connection_outlasts_header_read_timeout() {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new("tls-h2-quiet");
+    ca.issue("a", &["a.test"]);
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let yaml = format!(
+        "limits: {{header_read_timeout: 300ms}}\n{}",
+        https_config(&tls, &up)
+    );
+    let cfg = ca.dir.write("strait.yaml", &yaml);
+    let b = Binary::start(&cfg).await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(ca.ca_path()).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(listener(&b, "secure"))
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("a.test".try_into().unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let req = http::Request::get("https://a.test/")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let r = send.send_request(req).await.expect("still open");
+        assert_eq!(r.status(), 200);
+    }
+    assert!(!conn.is_finished());
+}
+
 #[tokio::test]
 async fn grpc_over_tls_reaches_an_h2c_backend() {
     let (grpc_addr, _reporter) =

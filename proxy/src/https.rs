@@ -36,7 +36,10 @@ pub struct TlsListener {
 #[derive(Debug)]
 struct Site {
     id: usize,
-    config: Arc<ServerConfig>,
+    /// Takes the client's cipher order: for clients that put ChaCha20 first.
+    client_order: Arc<ServerConfig>,
+    /// Prefers AES-128-GCM (see [`tls::aes_first_provider`]); shares the session cache.
+    aes_first: Arc<ServerConfig>,
     identity_header: Option<HeaderName>,
 }
 
@@ -200,12 +203,18 @@ impl TlsListener {
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         let start = LazyConfigAcceptor::new(Acceptor::default(), io).await?;
+        let hello = start.client_hello();
         let site = self
             .sites
-            .find(start.client_hello().server_name())
+            .find(hello.server_name())
             .map(Arc::clone)
             .ok_or_else(|| std::io::Error::other("no certificate for this name"))?;
-        let stream = start.into_stream(Arc::clone(&site.config)).await?;
+        let config = if tls::prefers_chacha(hello.cipher_suites()) {
+            &site.client_order
+        } else {
+            &site.aes_first
+        };
+        let stream = start.into_stream(Arc::clone(config)).await?;
         let identity = site.identity_header.as_ref().map(|h| {
             let value = stream
                 .get_ref()
@@ -230,14 +239,8 @@ fn site(
     resolver: SniResolver,
     alpn: &[Vec<u8>],
 ) -> Result<Site, TlsConfigError> {
-    let builder = ServerConfig::builder_with_provider(tls::provider())
-        .with_protocol_versions(versions)
-        .map_err(|e| TlsConfigError {
-            field: "min_version".into(),
-            message: e.to_string(),
-        })?;
-    let (builder, identity_header) = match auth {
-        None => (builder.with_no_client_auth(), None),
+    let (verifier, identity_header) = match auth {
+        None => (None, None),
         Some(a) => {
             let bad = |message: String| TlsConfigError {
                 field: "client_auth".into(),
@@ -254,14 +257,34 @@ fn site(
             .map_err(|e| bad(format!("{}: {e}", a.ca)))?;
             let header = HeaderName::try_from(a.identity_header.as_str())
                 .map_err(|_| bad(format!("invalid identity_header {:?}", a.identity_header)))?;
-            (builder.with_client_cert_verifier(verifier), Some(header))
+            (Some(verifier), Some(header))
         }
     };
-    let mut config = builder.with_cert_resolver(Arc::new(resolver));
-    config.alpn_protocols = alpn.to_vec();
+    let resolver = Arc::new(resolver);
+    let config = |provider| -> Result<ServerConfig, TlsConfigError> {
+        let builder = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .map_err(|e| TlsConfigError {
+                field: "min_version".into(),
+                message: e.to_string(),
+            })?;
+        let builder = match &verifier {
+            None => builder.with_no_client_auth(),
+            Some(v) => builder.with_client_cert_verifier(Arc::clone(v)),
+        };
+        let mut config = builder.with_cert_resolver(Arc::clone(&resolver) as _);
+        config.alpn_protocols = alpn.to_vec();
+        Ok(config)
+    };
+    let client_order = config(tls::provider())?;
+    let mut aes_first = config(tls::aes_first_provider())?;
+    aes_first.ignore_client_order = true;
+    // A session made under either configuration resumes under the other.
+    aes_first.session_storage = Arc::clone(&client_order.session_storage);
     Ok(Site {
         id,
-        config: Arc::new(config),
+        client_order: Arc::new(client_order),
+        aes_first: Arc::new(aes_first),
         identity_header,
     })
 }
