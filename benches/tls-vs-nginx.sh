@@ -10,7 +10,11 @@
 # the proxies (order swapped every round), REPS rounds of DUR seconds per test:
 #   ka   keep-alive requests over TLS (one handshake per connection, then requests)
 #   new  a new TLS connection per request (Connection: close): handshakes per second
-# Prints every round, the medians and Strait / nginx. Knobs: REPS (5), DUR (8), CONNS (50),
+# Prints every round, the medians and Strait / nginx, and each proxy's CPU time per request
+# (user + system, from /proc; nginx runs as one process for that). In `new` the generator's
+# CPU, shared with the backend, is the limit for both proxies (it is busy all the time), so
+# req/s there says more about the generator than the proxy: the CPU per request (= per
+# handshake) is the proxy's cost. Knobs: REPS (5), DUR (8), CONNS (50),
 # STRAIT_BIN (default target/release/strait; deploy/build-pgo.sh prints the PGO build's path).
 set -euo pipefail
 
@@ -33,6 +37,8 @@ start_backend
 # nginx as the TLS-terminating proxy, configured the way its documentation recommends for a
 # reverse proxy: keep-alive to the upstream, TLS 1.2 and 1.3, session cache and tickets on.
 {
+  # One process: the CPU time read is the worker's.
+  echo "master_process off;"
   nginx_head nginx-tls 8192
   cat <<NGINX
   upstream be { server 127.0.0.1:18091; keepalive 64; }
@@ -53,6 +59,7 @@ NGINX
 } >"$work/nginx-tls.conf"
 taskset -c 1 nginx -c "$work/nginx-tls.conf" &
 pids+=($!)
+proxy_pids=($!)
 
 cat >"$work/strait.yaml" <<YAML
 admin: {address: "127.0.0.1:19913"}
@@ -71,6 +78,7 @@ backends:
 YAML
 taskset -c 1 "$bin" --config "$work/strait.yaml" --worker-threads 1 --log-level warn &
 pids+=($!)
+proxy_pids+=($!)
 
 names=(nginx strait)
 ports=(18443 18444)
@@ -78,7 +86,8 @@ for p in "${ports[@]}"; do
   wait_ok "https://localhost:$p/" --cacert "$root/examples/tls/demo-ca.pem"
 done
 
-declare -A results
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+declare -A results cpu
 for test in ka new; do
   extra=()
   [ "$test" = new ] && extra=(-H "Connection: close")
@@ -86,21 +95,28 @@ for test in ka new; do
     order=(0 1)
     [ $((r % 2)) -eq 0 ] && order=(1 0)
     for i in "${order[@]}"; do
+      t0=$(cpu_ticks "${proxy_pids[i]}")
       out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" "${extra[@]}" "https://127.0.0.1:${ports[i]}/")
+      t1=$(cpu_ticks "${proxy_pids[i]}")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+      reqs=$(awk '/requests in/ {print $1}' <<<"$out")
+      us=$(awk -v t=$((t1 - t0)) -v n="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
       errs=$(awk '/Socket errors|Non-2xx/ {print}' <<<"$out" | tr -s ' ' | tr '\n' ' ')
       results[$test,$i]+="$rps "
-      printf '%-3s round %d %-6s %s req/s %s\n' "$test" "$r" "${names[i]}" "$rps" "$errs"
+      cpu[$test,$i]+="$us "
+      printf '%-3s round %d %-6s %s req/s, proxy CPU %s us/req %s\n' "$test" "$r" "${names[i]}" "$rps" "$us" "$errs"
     done
   done
 done
 
 echo
-echo "| test | nginx, median req/s | strait, median req/s | strait / nginx | nginx rounds | strait rounds |"
-echo "|---|---|---|---|---|---|"
+echo "| test | nginx, median req/s | strait, median req/s | strait / nginx | CPU us/req nginx | CPU us/req strait | nginx rounds | strait rounds |"
+echo "|---|---|---|---|---|---|---|---|"
 for test in ka new; do
   n=$(printf '%s' "${results[$test,0]}" | median)
   s=$(printf '%s' "${results[$test,1]}" | median)
   ratio=$(awk -v s="$s" -v n="$n" 'BEGIN {printf "%.2f", s / n}')
-  echo "| $test | $n | $s | $ratio | ${results[$test,0]}| ${results[$test,1]}|"
+  cn=$(printf '%s' "${cpu[$test,0]}" | median)
+  cs=$(printf '%s' "${cpu[$test,1]}" | median)
+  echo "| $test | $n | $s | $ratio | $cn | $cs | ${results[$test,0]}| ${results[$test,1]}|"
 done
