@@ -102,6 +102,63 @@ async fn dead_upstream_is_502_and_slow_upstream_is_504() {
     assert!(started.elapsed() < Duration::from_secs(3));
 }
 
+/// The route timeout holds on a kept-alive upstream connection whose timer was armed for an
+/// earlier request: for a shorter timeout than that request's, and after the timer fired while
+/// the connection was idle.
+#[tokio::test]
+async fn route_timeouts_hold_on_a_reused_upstream_connection() {
+    let up = Upstream::start("up").await;
+    let yaml = format!(
+        r#"
+access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - match: {{prefix: /long}}
+        forward: {{backend: b}}
+        timeout: 5s
+      - forward: {{backend: b}}
+        timeout: 300ms
+backends:
+  - name: b
+    endpoints: ["{}"]
+"#,
+        up.addr
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let c = client();
+    let timed = |path: &str, delay_ms: u64| {
+        let req = http::Request::get(proxy.url(path))
+            .header("x-delay-ms", delay_ms.to_string())
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let c = c.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let r = send(&c, req).await;
+            (r.status.as_u16(), started.elapsed())
+        }
+    };
+    assert_eq!(timed("/long", 0).await.0, 200);
+    // The connection's timer is armed for /long's 5 s; /short's 300 ms must still hold.
+    let (status, took) = timed("/short", 3000).await;
+    assert_eq!(status, 504);
+    assert!(took < Duration::from_millis(2500), "{took:?}");
+    assert_eq!(timed("/short", 0).await.0, 200);
+    // Idle past the last deadline: the timer fires with no request waiting. A request that
+    // comes in time is not cut short by it, and a late one is cut at its own deadline.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(timed("/short", 100).await.0, 200);
+    let (status, took) = timed("/short", 3000).await;
+    assert_eq!(status, 504);
+    assert!(
+        took >= Duration::from_millis(250) && took < Duration::from_millis(2500),
+        "{took:?}"
+    );
+    assert_eq!(up.hits(), 5);
+}
+
 #[tokio::test]
 async fn oversized_request_headers_are_rejected() {
     let up = Upstream::start("up").await;

@@ -13,6 +13,7 @@
 //! as it would be by hyper. A connection goes back to its pool only when both directions have
 //! ended cleanly.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
@@ -22,6 +23,7 @@ use http::{Method, Response};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_rustls::client::TlsStream;
 
 use crate::body::{BodyError, ProxyBody};
@@ -92,6 +94,8 @@ pub(crate) struct Conn {
     pub(crate) tls: u64,
     /// `clock_ns()` when it was last handed back.
     pub(crate) idle_since: u64,
+    /// Wakes an exchange waiting past its deadline; see [`Conn::poll_deadline`].
+    timer: Option<Pin<Box<Sleep>>>,
     _slot: ConnectionSlot,
 }
 
@@ -103,8 +107,31 @@ impl Conn {
             wbuf: Vec::new(),
             tls,
             idle_since: 0,
+            timer: None,
             _slot: slot,
         })
+    }
+
+    /// Whether `at` has passed; if not, the task is woken when it does. The connection keeps
+    /// one timer, armed no later than the deadline of the request on it, and re-arms it only
+    /// when it fires early: a request's deadline is usually later than the one before it on
+    /// the same connection (the same route timeout, counted from a later start), so most
+    /// requests cost no timer operation (a timer per request is an allocation, a
+    /// registration in the runtime's timer wheel and a cancellation).
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, at: Instant) -> Poll<()> {
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if timer.deadline() > at {
+            timer.as_mut().reset(at);
+        }
+        loop {
+            ready!(timer.as_mut().poll(cx));
+            if Instant::now() >= at {
+                return Poll::Ready(());
+            }
+            timer.as_mut().reset(at);
+        }
     }
 
     /// Whether an idle connection can carry a request: nothing arrived while it was idle,
@@ -155,6 +182,9 @@ pub(crate) enum ExchangeError {
     /// The request body did not match its `Content-Length`.
     #[error("the request body does not match its content-length")]
     RequestBodyLength,
+    /// The response head did not arrive by the exchange's deadline.
+    #[error("no response by the deadline")]
+    TimedOut,
 }
 
 /// A request body still being sent.
@@ -180,6 +210,8 @@ pub(crate) struct Exchange {
     pub(crate) read_any: bool,
     /// The request could not be sent to its end: the connection cannot be reused.
     broken: bool,
+    /// When the response head is due (route or per-try timeout).
+    deadline: Option<Instant>,
 }
 
 impl Exchange {
@@ -189,6 +221,7 @@ impl Exchange {
         mut conn: Box<Conn>,
         parts: &http::request::Parts,
         body: Option<ProxyBody>,
+        deadline: Option<Instant>,
     ) -> Self {
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let len = body.as_ref().map(|b| b.size_hint().exact());
@@ -212,6 +245,7 @@ impl Exchange {
             wrote_any: false,
             read_any: false,
             broken: false,
+            deadline,
         }
     }
 
@@ -368,10 +402,15 @@ impl Exchange {
                 Poll::Ready(Ok(_)) => {}
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(send_failed.unwrap_or(e.into()))),
                 Poll::Pending => {
-                    return match send_failed {
-                        Some(e) => Poll::Ready(Err(e)),
-                        None => Poll::Pending,
+                    if let Some(e) = send_failed {
+                        return Poll::Ready(Err(e));
                     }
+                    if let Some(at) = self.deadline {
+                        if self.conn.poll_deadline(cx, at).is_ready() {
+                            return Poll::Ready(Err(ExchangeError::TimedOut));
+                        }
+                    }
+                    return Poll::Pending;
                 }
             }
         }

@@ -235,6 +235,7 @@ pub async fn send(
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
     req: Request<ProxyBody>,
+    deadline: Option<Deadline>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let addr = endpoint.addr();
     let tls = settings.tls_fingerprint();
@@ -258,10 +259,16 @@ pub async fn send(
             // future's state, since it lives until the statement ends.)
             None => {
                 let connecting = Box::pin(connect(endpoint, backend, settings));
-                connecting.await?
+                match &deadline {
+                    // Waiting for a connection slot counts too.
+                    Some(d) => tokio::time::timeout_at(d.at, connecting)
+                        .await
+                        .map_err(|_| d.error(addr))??,
+                    None => connecting.await?,
+                }
             }
         };
-        let mut ex = Exchange::new(conn, &parts, body.take());
+        let mut ex = Exchange::new(conn, &parts, body.take(), deadline.as_ref().map(|d| d.at));
         let failure = match ex.response_head(&parts.method).await {
             Ok(head) => {
                 let home = Home {
@@ -270,6 +277,12 @@ pub async fn send(
                     idle_timeout: settings.idle_timeout,
                 };
                 return Ok(ex.into_response(head, home));
+            }
+            Err(ExchangeError::TimedOut) => {
+                let d = deadline
+                    .as_ref()
+                    .expect("only an exchange with a deadline times out");
+                return Err(d.error(addr));
             }
             Err(e) => e,
         };
@@ -305,6 +318,29 @@ pub async fn send(
                 reason: e.to_string(),
             },
         });
+    }
+}
+
+/// When an attempt's response head is due: the route timeout or the retry policy's per-try
+/// timeout, whichever comes first.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline {
+    /// The moment.
+    pub at: tokio::time::Instant,
+    /// The timeout it came from, for the error.
+    pub timeout: Duration,
+    /// Whether that is the per-try timeout.
+    pub per_try: bool,
+}
+
+impl Deadline {
+    /// The error of a request that ran out of time.
+    pub fn error(&self, addr: std::net::SocketAddr) -> ProxyError {
+        ProxyError::Timeout {
+            addr,
+            timeout: self.timeout,
+            per_try: self.per_try,
+        }
     }
 }
 

@@ -416,7 +416,10 @@ async fn forward(
     };
     let may_retry_status = policy.is_some_and(|p| p.non_idempotent || is_idempotent(&done.method));
     // The route timeout bounds every attempt together.
-    let deadline = route.timeout.map(|t| (tokio::time::Instant::now() + t, t));
+    // Counted from the request's arrival (one clock read fewer than reading it again here).
+    let deadline = route
+        .timeout
+        .map(|t| (tokio::time::Instant::from_std(done.start) + t, t));
     let mut retries = 0u32;
     let mut retry_slot = None;
     let mut last = None;
@@ -522,20 +525,6 @@ async fn attempt(
     deadline: Option<(tokio::time::Instant, Duration)>,
     policy: Option<&RetryPolicy>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
-    let send = async {
-        match &backend.upstream {
-            Upstream::Http1(settings) => pool::send(&ep.state, &backend.state, settings, req).await,
-            Upstream::H2 {
-                connect_timeout,
-                tls,
-            } => ep
-                .state
-                .h2
-                .send(ep.addr, *connect_timeout, tls.as_deref(), req)
-                .await
-                .map(|r| r.map(ProxyBody::Upstream)),
-        }
-    };
     let per_try = policy
         .and_then(|p| p.per_try_timeout)
         .map(|t| (tokio::time::Instant::now() + t, t, true));
@@ -545,22 +534,39 @@ async fn attempt(
         (None, Some((d, t))) => Some((d, t, false)),
         (None, None) => None,
     };
-    let result = match limit {
-        // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the large
-        // request future in place instead of copying it.
-        Some((at, timeout, per_try)) => {
-            tokio::pin!(send);
-            tokio::select! {
-                biased;
-                r = &mut send => r,
-                () = tokio::time::sleep_until(at) => Err(ProxyError::Timeout {
-                    addr: ep.addr,
-                    timeout,
-                    per_try,
-                }),
-            }
+    let limit = limit.map(|(at, timeout, per_try)| pool::Deadline {
+        at,
+        timeout,
+        per_try,
+    });
+    let result = match &backend.upstream {
+        // An HTTP/1.1 exchange watches its deadline itself, with a timer kept per connection.
+        Upstream::Http1(settings) => {
+            pool::send(&ep.state, &backend.state, settings, req, limit).await
         }
-        None => send.await,
+        Upstream::H2 {
+            connect_timeout,
+            tls,
+        } => {
+            let send = ep
+                .state
+                .h2
+                .send(ep.addr, *connect_timeout, tls.as_deref(), req);
+            match limit {
+                // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the
+                // large request future in place instead of copying it.
+                Some(d) => {
+                    tokio::pin!(send);
+                    tokio::select! {
+                        biased;
+                        r = &mut send => r,
+                        () = tokio::time::sleep_until(d.at) => Err(d.error(ep.addr)),
+                    }
+                }
+                None => send.await,
+            }
+            .map(|r| r.map(ProxyBody::Upstream))
+        }
     };
     match &result {
         Err(e) if e.is_connect_failure() => backend.connect_failures.increment(1),
