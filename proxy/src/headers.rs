@@ -168,8 +168,12 @@ pub fn set_forwarded(
 pub fn new_request_id() -> HeaderValue {
     let id = uuid::Builder::from_random_bytes(fastrand::u128(..).to_le_bytes()).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let text = id.hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(text).expect("a UUID is a valid header value")
+    id.hyphenated().encode_lower(&mut buf);
+    // Owned by a shared allocation from the start: the value is cloned into the upstream
+    // request, the response and the log, and a copied value would be reallocated as shared
+    // at its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(buf))
+        .expect("a UUID is a valid header value")
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
