@@ -183,21 +183,38 @@ pub(crate) fn parse_response_head(
         }
         let head = buf.split_to(len).freeze();
         let mut headers = HeaderMap::with_capacity(count);
+        // What framing and reuse depend on is read here, as each field goes by, rather than
+        // looked up in the map afterwards. The hop-by-hop fields this codec consumes (its
+        // framing, `Connection` with only `close`/`keep-alive`/`upgrade`, `Keep-Alive`) are
+        // not put in the map: the proxy would remove them before the client sees the response.
+        let mut facts = HeadFacts::default();
         for &(n, nl, v, vl) in &offsets[..count] {
             let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
             let name = HeaderName::from_bytes(&head[n..n + nl])
                 .map_err(|_| H1Error::Head(httparse::Error::HeaderName))?;
+            let raw = &head[v..v + vl];
+            if name == header::CONNECTION {
+                if !facts.connection(raw) {
+                    continue;
+                }
+            } else if name == header::TRANSFER_ENCODING {
+                facts.te_last = Some((v, vl));
+                continue;
+            } else if name == header::CONTENT_LENGTH {
+                facts.length.add(raw);
+            } else if name == KEEP_ALIVE {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(head.slice(v..v + vl))
                 .map_err(|_| H1Error::Head(httparse::Error::HeaderValue))?;
             headers.append(name, value);
         }
-        let framing = body_framing(status, version, &headers, method)?;
-        let mut keep_alive = keeps_alive(version, &headers) && framing != BodyFraming::UntilClose;
+        let te = facts.te_last.map(|(v, vl)| &head[v..v + vl]);
+        let framing = body_framing(status, version, te, facts.length, method)?;
+        let mut keep_alive = facts.keeps_alive(version) && framing != BodyFraming::UntilClose;
         // Both framings at once: chunked wins (RFC 9112 section 6.3), the length must not reach
         // the client, and a server that sends both is not trusted with another request.
-        if headers.contains_key(header::TRANSFER_ENCODING)
-            && headers.contains_key(header::CONTENT_LENGTH)
-        {
+        if te.is_some() && facts.length != Length::Absent {
             headers.remove(header::CONTENT_LENGTH);
             keep_alive = false;
         }
@@ -215,10 +232,84 @@ pub(crate) fn parse_response_head(
     }
 }
 
+/// The `Keep-Alive` header (hop-by-hop, RFC 9112 appendix C.2.2).
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+
+/// What a response head says about its framing and its connection.
+#[derive(Debug, Default)]
+struct HeadFacts {
+    /// Position of the last `Transfer-Encoding` value in the head.
+    te_last: Option<(usize, usize)>,
+    length: Length,
+    /// `Connection: close` seen.
+    close: bool,
+    /// `Connection: keep-alive` seen.
+    keep_alive: bool,
+}
+
+impl HeadFacts {
+    /// Takes in one `Connection` value; returns whether it names anything beyond `close`,
+    /// `keep-alive` and `upgrade` (then the field is kept, for the proxy to remove the
+    /// fields it names).
+    fn connection(&mut self, raw: &[u8]) -> bool {
+        let mut names_fields = false;
+        for token in raw.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"upgrade") {
+                names_fields = true;
+            }
+        }
+        names_fields
+    }
+
+    /// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
+    /// `Connection: keep-alive`.
+    fn keeps_alive(&self, version: Version) -> bool {
+        if version == Version::HTTP_10 {
+            self.keep_alive
+        } else {
+            !self.close
+        }
+    }
+}
+
+/// The `Content-Length` of a message: several equal values (or a list of them) count as
+/// one, anything else is invalid (RFC 9110 section 8.6).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Length {
+    #[default]
+    Absent,
+    Valid(u64),
+    Invalid,
+}
+
+impl Length {
+    /// Takes in one `Content-Length` value.
+    fn add(&mut self, raw: &[u8]) {
+        for part in raw.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                *self = Self::Invalid;
+                return;
+            }
+            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            *self = match *self {
+                Self::Absent => Self::Valid(n),
+                Self::Valid(f) if f == n => Self::Valid(n),
+                _ => Self::Invalid,
+            };
+        }
+    }
+}
+
 fn body_framing(
     status: StatusCode,
     version: Version,
-    headers: &HeaderMap,
+    te_last: Option<&[u8]>,
+    length: Length,
     method: &Method,
 ) -> Result<BodyFraming, H1Error> {
     if matches!(status.as_u16(), 101 | 204 | 304) || method == Method::HEAD {
@@ -227,62 +318,35 @@ fn body_framing(
     if method == Method::CONNECT && status.is_success() {
         return Ok(BodyFraming::Empty);
     }
-    if let Some(te) = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .next_back()
-    {
+    if let Some(te) = te_last {
         if version == Version::HTTP_10 {
             return Err(H1Error::TransferEncoding10);
         }
-        let last = te.as_bytes().rsplit(|&b| b == b',').next().unwrap_or(b"");
+        let last = te.rsplit(|&b| b == b',').next().unwrap_or(b"");
         return Ok(if last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             BodyFraming::Chunked
         } else {
             BodyFraming::UntilClose
         });
     }
-    Ok(match content_length(headers)? {
-        Some(0) => BodyFraming::Empty,
-        Some(n) => BodyFraming::Length(n),
-        None => BodyFraming::UntilClose,
-    })
-}
-
-/// The `Content-Length` of a message: several equal values (or a list of them) count as
-/// one, anything else is an error (RFC 9110 section 8.6).
-pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
-    let mut found = None;
-    for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(H1Error::ContentLength);
-            }
-            let n = part.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(H1Error::ContentLength);
-            }
-            found = Some(n);
-        }
+    match length {
+        Length::Absent => Ok(BodyFraming::UntilClose),
+        Length::Valid(0) => Ok(BodyFraming::Empty),
+        Length::Valid(n) => Ok(BodyFraming::Length(n)),
+        Length::Invalid => Err(H1Error::ContentLength),
     }
-    Ok(found)
 }
 
-/// HTTP/1.1 keeps the connection unless `Connection: close`; HTTP/1.0 only with
-/// `Connection: keep-alive`.
-fn keeps_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &[u8]| {
-        headers.get_all(header::CONNECTION).iter().any(|v| {
-            v.as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-        })
-    };
-    if version == Version::HTTP_10 {
-        has(b"keep-alive")
-    } else {
-        !has(b"close")
+/// The `Content-Length` of a message (see [`Length`]).
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, H1Error> {
+    let mut length = Length::Absent;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        length.add(v.as_bytes());
+    }
+    match length {
+        Length::Absent => Ok(None),
+        Length::Valid(n) => Ok(Some(n)),
+        Length::Invalid => Err(H1Error::ContentLength),
     }
 }
 
@@ -562,6 +626,45 @@ mod tests {
         ] {
             assert!(head(bad, &get).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn consumed_hop_by_hop_fields_stay_out_of_the_map() {
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nx-a: 1\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-a"]);
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Chunked, true));
+        // A Connection field that names other fields stays, for the proxy to remove them.
+        let h = head(
+            "HTTP/1.1 200 OK\r\nConnection: close, x-secret\r\nx-secret: 1\r\n\
+             content-length: 0\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.headers[header::CONNECTION], "close, x-secret");
+        assert_eq!((h.framing, h.keep_alive), (BodyFraming::Empty, false));
+        // A 101's Connection: upgrade is the proxy's to set again; Upgrade stays.
+        let h = head(
+            "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            &Method::GET,
+        )
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["upgrade"]);
+        // An invalid length counts only where the length delimits the body.
+        let h = head(
+            "HTTP/1.1 204 No Content\r\ncontent-length: x\r\n\r\n",
+            &Method::GET,
+        );
+        assert_eq!(h.unwrap().unwrap().framing, BodyFraming::Empty);
     }
 
     #[test]
