@@ -54,7 +54,9 @@ for b in "${backends[@]}"; do
 done
 [ -n "$endpoints" ] || die "no backends in BENCH_BACKENDS='$BENCH_BACKENDS'"
 
-config=$(mktemp "${TMPDIR:-/tmp}/strait-bench.XXXXXX.yaml")
+# In a directory of its own: Strait watches the config's directory for changes, and nothing
+# else should wake that watcher (on the proxy's CPU) during a run.
+config=$(mktemp -d "${TMPDIR:-/tmp}/strait-bench.XXXXXX")/strait.yaml
 cat >"$config" <<EOF
 # Written by benches/run-strait-for-bench.sh for ../shared/bench/bench.sh.
 admin:

@@ -63,6 +63,13 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# RUSTFLAGS replaces the target's rustflags of .cargo/config.toml: its glibc-only linker flag
+# (packed relative relocations) is added here for glibc targets (musl's loader lacks RELR).
+case $target in
+  *-linux-gnu) RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,-z,pack-relative-relocs" ;;
+esac
+export RUSTFLAGS="${RUSTFLAGS:-}"
+
 # Instrumenting only the target (hence --target): build scripts and proc macros stay plain.
 say "1/3 instrumented build for $target"
 (cd "$root" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$profiles" \
