@@ -99,6 +99,24 @@ backends:
     )
 }
 
+/// The binary with [`https_config`] and one certificate, for `a.test`; `head` is YAML put before
+/// the config (top-level settings such as `limits`).
+async fn one_certificate(tag: &str, head: &str) -> (Upstream, Ca, Binary) {
+    let up = Upstream::start("app").await;
+    let ca = Ca::new(tag);
+    ca.issue("a", &["a.test"]);
+    let tls = format!(
+        "      certificates: [{{cert: {}, key: {}}}]",
+        ca.path("a.pem"),
+        ca.path("a-key.pem")
+    );
+    let cfg = ca
+        .dir
+        .write("strait.yaml", &format!("{head}{}", https_config(&tls, &up)));
+    let b = Binary::start(&cfg).await;
+    (up, ca, b)
+}
+
 fn listener(b: &Binary, name: &str) -> std::net::SocketAddr {
     b.listeners.iter().find(|(n, _)| n == name).unwrap().1
 }
@@ -183,16 +201,7 @@ async fn certificates_are_chosen_by_sni_with_wildcards_and_a_default() {
 // curl and openssl block this thread; the upstream runs on the other worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn alpn_negotiates_h2_and_tls_below_1_2_is_refused() {
-    let up = Upstream::start("app").await;
-    let ca = Ca::new("tls-alpn");
-    ca.issue("a", &["a.test"]);
-    let tls = format!(
-        "      certificates: [{{cert: {}, key: {}}}]",
-        ca.path("a.pem"),
-        ca.path("a-key.pem")
-    );
-    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
-    let b = Binary::start(&cfg).await;
+    let (_up, ca, b) = one_certificate("tls-alpn", "").await;
     let (v, ok) = curl(
         &b,
         &ca,
@@ -250,16 +259,7 @@ fn negotiated_cipher(addr: std::net::SocketAddr, version: &str, offer: &str) -> 
 // openssl blocks this thread; the upstream runs on the other worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aes_128_is_preferred_unless_the_client_puts_chacha20_first() {
-    let up = Upstream::start("app").await;
-    let ca = Ca::new("tls-ciphers");
-    ca.issue("a", &["a.test"]);
-    let tls = format!(
-        "      certificates: [{{cert: {}, key: {}}}]",
-        ca.path("a.pem"),
-        ca.path("a-key.pem")
-    );
-    let cfg = ca.dir.write("strait.yaml", &https_config(&tls, &up));
-    let b = Binary::start(&cfg).await;
+    let (_up, _ca, b) = one_certificate("tls-ciphers", "").await;
     let addr = listener(&b, "secure");
     for (version, offer, expected) in [
         (
@@ -300,20 +300,8 @@ async fn aes_128_is_preferred_unless_the_client_puts_chacha20_first() {
 /// between its requests is kept.
 #[tokio::test]
 async fn a_quiet_h2_connection_outlasts_header_read_timeout() {
-    let up = Upstream::start("app").await;
-    let ca = Ca::new("tls-h2-quiet");
-    ca.issue("a", &["a.test"]);
-    let tls = format!(
-        "      certificates: [{{cert: {}, key: {}}}]",
-        ca.path("a.pem"),
-        ca.path("a-key.pem")
-    );
-    let yaml = format!(
-        "limits: {{header_read_timeout: 300ms}}\n{}",
-        https_config(&tls, &up)
-    );
-    let cfg = ca.dir.write("strait.yaml", &yaml);
-    let b = Binary::start(&cfg).await;
+    let (_up, ca, b) =
+        one_certificate("tls-h2-quiet", "limits: {header_read_timeout: 300ms}\n").await;
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pki_types::CertificateDer::pem_file_iter(ca.ca_path()).unwrap() {
         roots.add(c.unwrap()).unwrap();
