@@ -8,6 +8,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
+use crate::headers::KEEP_ALIVE;
+
 /// Header fields a response head (or a trailer section) may have, as hyper allows.
 const MAX_HEADERS: usize = 100;
 /// Longest response head (status line and fields) read before giving up, as Envoy's
@@ -231,9 +233,6 @@ pub(crate) fn parse_response_head(
         }));
     }
 }
-
-/// The `Keep-Alive` header (hop-by-hop, RFC 9112 appendix C.2.2).
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// What a response head says about its framing and its connection.
 #[derive(Debug, Default)]

@@ -182,12 +182,13 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         let watcher = graceful.watcher();
         let builder = Arc::clone(&builder);
         let idle = limits.idle_timeout;
-        let handshake_timeout = limits.header_read_timeout;
+        // The request-head limit also bounds the TLS handshake.
+        let head_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
             let io = IdleTimeout::with_head_timeout(
                 stream,
                 idle,
-                handshake_timeout,
+                head_timeout,
                 Arc::clone(&conn_cx.activity),
             );
             // The TLS settings of the table in force when the connection arrived.
@@ -202,7 +203,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
                 None => serve_one(&builder, watcher, io, conn_cx).await,
                 Some(tls) => {
                     let name = Arc::clone(&conn_cx.listener_name);
-                    let result = tokio::time::timeout(handshake_timeout, tls.accept(io)).await;
+                    let result = tokio::time::timeout(head_timeout, tls.accept(io)).await;
                     let outcome = match result {
                         Ok(Ok(accepted)) => {
                             if accepted.stream.get_ref().1.alpn_protocol() == Some(b"h2") {

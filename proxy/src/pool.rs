@@ -269,8 +269,8 @@ pub async fn send(
             }
         };
         let mut ex = Exchange::new(conn, &parts, body.take(), deadline.as_ref().map(|d| d.at));
-        let failure = match ex.response_head(&parts.method).await {
-            Ok(head) => {
+        let failure = match (ex.response_head(&parts.method).await, &deadline) {
+            (Ok(head), _) => {
                 let home = Home {
                     endpoint: Arc::clone(endpoint),
                     max_idle: settings.max_idle,
@@ -278,13 +278,8 @@ pub async fn send(
                 };
                 return Ok(ex.into_response(head, home));
             }
-            Err(ExchangeError::TimedOut) => {
-                let d = deadline
-                    .as_ref()
-                    .expect("only an exchange with a deadline times out");
-                return Err(d.error(addr));
-            }
-            Err(e) => e,
+            (Err(ExchangeError::TimedOut), Some(d)) => return Err(d.error(addr)),
+            (Err(e), _) => e,
         };
         let io_failure = matches!(failure, ExchangeError::Io(_));
         if io_failure && !ex.wrote_any && resends < MAX_RESENDS {
