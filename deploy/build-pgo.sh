@@ -10,14 +10,19 @@
 #    and h2c upstreams, a route with retries, a rate limit and outlier detection, a TCP relay
 #    (the upstream is a direct-response listener of the same process, so nothing but curl and
 #    optionally h2load is needed),
-# 3. merges the profile with llvm-profdata and builds the release binary with it.
+# 3. merges the profile with llvm-profdata and builds the release binary with it. When the
+#    linker is LLD (Rust's default for x86_64-unknown-linux-gnu), it also orders the functions:
+#    first those a plain proxy runs to start and answer its first requests (a short run of its
+#    own before the training, HTTP/1.1 and h2c forwarding only), then the rest the training ran,
+#    hottest first in each group; the code that never ran comes after.
 #
 # Prints the path of the binary: target/<TARGET>/release/strait.
 #
-# Why: LLVM then lays out the code the load ran next to each other and optimises it for speed,
-# and the code it never ran for size. On this project's benchmarks (docs/performance.md) that
-# gave 9 to 14% more keep-alive requests per second and an idle RSS about 1 MB smaller:
-# most of an idle proxy's resident memory is the pages of its own code it touched at startup.
+# Why: LLVM optimises the code the load ran for speed and the code it never ran for size. On
+# this project's benchmarks (docs/performance.md) that gave 9 to 14% more keep-alive requests
+# per second. The order is for memory: most of an idle proxy's resident memory is the pages of
+# its own code touched at startup, and the kernel maps 64 KB or more around each touched page;
+# with the start-up code in one place the idle RSS is about 1.7 MB smaller.
 #
 # Needs: curl, and llvm-profdata of an LLVM that reads the toolchain's profiles. It is looked
 # up in this order: $LLVM_PROFDATA; the toolchain's own (`rustup component add llvm-tools`);
@@ -82,6 +87,79 @@ origin=127.0.0.1:$((base + 2))
 admin=127.0.0.1:$((base + 3))
 relay=127.0.0.1:$((base + 4))
 body=$(printf 'x%.0s' $(seq 64))
+
+# Another process on one of these ports would answer the readiness checks and take the load.
+for port in $(seq "$base" $((base + 4))); do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    die "127.0.0.1:$port is in use; stop what listens there or set PGO_PORT_BASE"
+  fi
+done
+
+start_instrumented() {  # config [VAR=value...]
+  local config=$1
+  shift
+  "$instrumented" validate "$config" >&2
+  env "$@" "$instrumented" --config "$config" --log-level warn >/dev/null &
+  server=$!
+  for _ in $(seq 100); do
+    curl -sf -o /dev/null "http://$admin/ready" && break
+    kill -0 "$server" 2>/dev/null || die "the instrumented Strait exited; see its log above"
+    sleep 0.1
+  done
+  curl -sf -o /dev/null "http://$admin/ready" || die "the instrumented Strait is not ready after 10 s"
+  kill -0 "$server" 2>/dev/null || die "the instrumented Strait exited; see its log above"
+}
+
+# The profile is written when the process exits normally: stop it as an orchestrator would.
+stop_instrumented() {
+  kill -TERM "$server"
+  wait "$server" || die "the instrumented Strait did not exit cleanly after SIGTERM"
+  server=""
+}
+
+# A plain proxy's start-up and first requests, profiled on their own: the functions this run
+# touches are laid out first, in one place (see the header).
+startup_profiles=$root/target/pgo-generate/profiles-startup
+rm -rf "$startup_profiles"
+cat >"$work/startup.yaml" <<EOF
+# Written by deploy/build-pgo.sh: a plain proxy's start-up, profiled on its own.
+admin:
+  address: "$admin"
+access_log:
+  enabled: false
+listeners:
+  - name: front
+    address: "$front"
+    routes:
+      - name: all
+        match:
+          prefix: /
+        forward:
+          backend: origin
+  - name: origin
+    address: "$origin"
+    routes:
+      - name: origin
+        match:
+          prefix: /
+        direct_response:
+          status: 200
+          body: "$body"
+backends:
+  - name: origin
+    protocol: http1
+    endpoints: ["$origin"]
+EOF
+say "2/3 start-up run, then the training load"
+start_instrumented "$work/startup.yaml" "LLVM_PROFILE_FILE=$startup_profiles/%p.profraw"
+for i in 1 2 3 4 5 6; do
+  [ "$(curl -sS -o /dev/null -w '%{http_code}' "http://$front/s/$i")" = 200 ] ||
+    die "start-up run: request $i not answered 200"
+done
+[ "$(curl -sS --http2-prior-knowledge -o /dev/null -w '%{http_code}' "http://$front/s/h2c")" = 200 ] ||
+  die "start-up run: the h2c request was not answered 200"
+stop_instrumented
+ls "$startup_profiles"/*.profraw >/dev/null 2>&1 || die "no profile written to $startup_profiles"
 cat >"$work/train.yaml" <<EOF
 # Written by deploy/build-pgo.sh: the training load's configuration.
 admin:
@@ -151,23 +229,7 @@ backends:
       interval: 1s
 EOF
 
-say "2/3 training load"
-"$instrumented" validate "$work/train.yaml" >&2
-# Another process on one of these ports would answer the readiness check and take the load.
-for port in $(seq "$base" $((base + 4))); do
-  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-    die "127.0.0.1:$port is in use; stop what listens there or set PGO_PORT_BASE"
-  fi
-done
-"$instrumented" --config "$work/train.yaml" --log-level warn >/dev/null &
-server=$!
-for _ in $(seq 100); do
-  curl -sf -o /dev/null "http://$admin/ready" && break
-  kill -0 "$server" 2>/dev/null || die "the instrumented Strait exited; see its log above"
-  sleep 0.1
-done
-curl -sf -o /dev/null "http://$admin/ready" || die "the instrumented Strait is not ready after 10 s"
-kill -0 "$server" 2>/dev/null || die "the instrumented Strait exited; see its log above"
+start_instrumented "$work/train.yaml"
 
 head -c 8192 /dev/zero | tr '\0' 'y' >"$work/body"
 # Each kind: `requests` requests (fewer for new connections and bodies), every answer checked.
@@ -214,16 +276,43 @@ train "tcp relay, new connections" $((n / 10)) "${par[@]}" -H 'Connection: close
 curl -sf -o /dev/null "http://$admin/metrics"
 curl -sf -o /dev/null "http://$admin/config"
 
-# The profile is written when the process exits normally: stop it as an orchestrator would.
-kill -TERM "$server"
-wait "$server" || die "the instrumented Strait did not exit cleanly after SIGTERM"
-server=""
+stop_instrumented
 ls "$profiles"/*.profraw >/dev/null 2>&1 || die "no profile written to $profiles"
-"$profdata" merge -o "$work/strait.profdata" "$profiles"/*.profraw
+"$profdata" merge -o "$work/strait.profdata" "$profiles"/*.profraw "$startup_profiles"/*.profraw
+"$profdata" merge -o "$work/startup.profdata" "$startup_profiles"/*.profraw
+
+# "count<TAB>symbol" per function of a profile: its largest block count (0: it never ran), and
+# its symbol without the "file;" prefix the profile gives functions local to a unit.
+counts() {  # profdata
+  "$profdata" show --all-functions --counts "$1" | awk '
+    /^  [^ ].*:$/ { name = substr($0, 3, length($0) - 3); sub(/^.*;/, "", name); next }
+    /^    Block counts: / && name != "" {
+      list = $0; sub(/^[^[]*\[/, "", list); sub(/\].*$/, "", list)
+      n = split(list, c, /, */); max = 0
+      for (i = 1; i <= n; i++) if (c[i] + 0 > max) max = c[i] + 0
+      printf "%.0f\t%s\n", max, name; name = ""
+    }'
+}
+
+link_order=""
+if grep -qa 'Linker: LLD' "$instrumented"; then
+  counts "$work/startup.profdata" | awk -F'\t' '$1 > 0 {print $2}' >"$work/startup.names"
+  # Start-up functions first, then the rest of what the training ran; hottest first in each.
+  counts "$work/strait.profdata" |
+    awk -F'\t' 'NR == FNR {first[$1] = 1; next} $1 > 0 {print ($2 in first ? 0 : 1) "\t" $0}' \
+      "$work/startup.names" - |
+    sort -t$'\t' -k1,1n -k2,2nr | cut -f3 >"$work/order.txt"
+  [ -s "$work/startup.names" ] || die "the start-up profile is empty; cannot order the code"
+  say "  function order: $(wc -l <"$work/startup.names") start-up functions first, $(wc -l <"$work/order.txt") in all"
+  # Functions the optimiser inlined everywhere are absent from the binary: no warning for them.
+  link_order="-C link-arg=-Wl,--symbol-ordering-file=$work/order.txt -C link-arg=-Wl,--no-warn-symbol-ordering"
+else
+  say "  the linker is not LLD: the functions keep the linker's order"
+fi
 
 # The profile's path is new on every run ($work): cargo sees RUSTFLAGS change and rebuilds, where
 # a fixed path would leave a binary built with the previous profile in place.
 say "3/3 optimised build"
-(cd "$root" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$work/strait.profdata" \
+(cd "$root" && RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-use=$work/strait.profdata $link_order" \
   cargo build --release --locked --target "$target") >&2
 echo "$root/target/$target/release/strait"
