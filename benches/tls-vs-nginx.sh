@@ -14,7 +14,8 @@
 # (user + system, from /proc; nginx runs as one process for that). In `new` the generator's
 # CPU, shared with the backend, is the limit for both proxies (it is busy all the time), so
 # req/s there says more about the generator than the proxy: the CPU per request (= per
-# handshake) is the proxy's cost. Knobs: REPS (5), DUR (8), CONNS (50),
+# handshake) is the proxy's cost. CPU 0's time per request (wrk, the backend and the kernel's work
+# there; softirq apart) shows what each proxy costs the generator. Knobs: REPS (5), DUR (8), CONNS (50),
 # STRAIT_BIN (default target/release/strait; deploy/build-pgo.sh prints the PGO build's path).
 set -euo pipefail
 
@@ -87,7 +88,13 @@ for p in "${ports[@]}"; do
 done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-declare -A results cpu
+# CPU 0's busy and softirq ticks (the generator's and the backend's CPU, with the kernel's work
+# done there, such as waking a proxy that waits for the packets wrk sends).
+cpu0_ticks() { awk '$1 == "cpu0" {print $2 + $3 + $4 + $7 + $8, $8}' /proc/stat; }
+per_req() {  # ticks -> microseconds per request of the run ($reqs)
+  awk -v t="$1" -v n="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}'
+}
+declare -A results cpu gen
 for test in ka new; do
   extra=()
   [ "$test" = new ] && extra=(-H "Connection: close")
@@ -96,27 +103,35 @@ for test in ka new; do
     [ $((r % 2)) -eq 0 ] && order=(1 0)
     for i in "${order[@]}"; do
       t0=$(cpu_ticks "${proxy_pids[i]}")
+      read -r g0 q0 < <(cpu0_ticks)
       out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" "${extra[@]}" "https://127.0.0.1:${ports[i]}/")
+      read -r g1 q1 < <(cpu0_ticks)
       t1=$(cpu_ticks "${proxy_pids[i]}")
       rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
       reqs=$(awk '/requests in/ {print $1}' <<<"$out")
-      us=$(awk -v t=$((t1 - t0)) -v n="$reqs" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.1f", t * 1e6 / hz / n}')
+      us=$(per_req $((t1 - t0)))
+      g=$(per_req $((g1 - g0)))
+      q=$(per_req $((q1 - q0)))
       errs=$(awk '/Socket errors|Non-2xx/ {print}' <<<"$out" | tr -s ' ' | tr '\n' ' ')
       results[$test,$i]+="$rps "
       cpu[$test,$i]+="$us "
-      printf '%-3s round %d %-6s %s req/s, proxy CPU %s us/req %s\n' "$test" "$r" "${names[i]}" "$rps" "$us" "$errs"
+      gen[$test,$i]+="$g "
+      printf '%-3s round %d %-6s %s req/s, proxy CPU %s us/req, CPU 0 %s us/req (softirq %s) %s\n' \
+        "$test" "$r" "${names[i]}" "$rps" "$us" "$g" "$q" "$errs"
     done
   done
 done
 
 echo
-echo "| test | nginx, median req/s | strait, median req/s | strait / nginx | CPU us/req nginx | CPU us/req strait | nginx rounds | strait rounds |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| test | nginx, median req/s | strait, median req/s | strait / nginx | CPU us/req nginx | CPU us/req strait | CPU 0 us/req nginx | CPU 0 us/req strait | nginx rounds | strait rounds |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for test in ka new; do
   n=$(printf '%s' "${results[$test,0]}" | median)
   s=$(printf '%s' "${results[$test,1]}" | median)
   ratio=$(awk -v s="$s" -v n="$n" 'BEGIN {printf "%.2f", s / n}')
   cn=$(printf '%s' "${cpu[$test,0]}" | median)
   cs=$(printf '%s' "${cpu[$test,1]}" | median)
-  echo "| $test | $n | $s | $ratio | $cn | $cs | ${results[$test,0]}| ${results[$test,1]}|"
+  gn=$(printf '%s' "${gen[$test,0]}" | median)
+  gs=$(printf '%s' "${gen[$test,1]}" | median)
+  echo "| $test | $n | $s | $ratio | $cn | $cs | $gn | $gs | ${results[$test,0]}| ${results[$test,1]}|"
 done

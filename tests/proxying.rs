@@ -561,6 +561,54 @@ async fn a_quiet_h2c_connection_outlasts_header_read_timeout() {
     assert!(!conn.is_finished());
 }
 
+/// A connection that has sent nothing stays in the kernel (TCP_DEFER_ACCEPT), so it holds no
+/// connection slot: with `max_connections: 1`, a silent connection opened first does not keep
+/// out a speaking one. Without the option the silent one is accepted first and holds the only
+/// slot until the head timeout (30 s here). The kernel hands a silent connection over after
+/// about a second anyway, so an attempt whose request left later than that proves nothing
+/// and is repeated.
+#[tokio::test]
+async fn a_silent_connection_holds_no_connection_slot() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let proxy = TestProxy::start(&answering_ok(
+        "{max_connections: 1, header_read_timeout: 30s}",
+    ))
+    .await;
+    // Serving (the listener's options set) before the silent connection arrives; the
+    // connection closes, so its slot frees.
+    let mut ready = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    ready
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    ready.read_to_end(&mut answer).await.unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"));
+    drop(ready);
+    for attempt in 1..=3 {
+        let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        let opened = std::time::Instant::now();
+        let mut s = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let sent = opened.elapsed();
+        if sent >= Duration::from_millis(700) {
+            eprintln!("attempt {attempt}: the request left {sent:?} after the silent connection");
+            continue;
+        }
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("answered while the silent connection stays open")
+            .unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        drop(silent);
+        return;
+    }
+    panic!("no attempt sent its request within 700 ms of the silent connection");
+}
+
 #[tokio::test]
 async fn idle_connections_are_closed() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

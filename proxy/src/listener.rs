@@ -141,6 +141,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
     let Some(index) = cx.index() else {
         return;
     };
+    defer_accept(&listener, &cx.name);
     let limits = cx.limits.clone();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -267,6 +268,43 @@ async fn serve_one<I>(
         tracing::debug!(listener = &*name, %client, error = %e, "connection ended with an error");
     }
 }
+
+/// Seconds a new connection may wait in the kernel for its first bytes before it is handed
+/// over anyway (then the request-head timeout applies).
+const DEFER_ACCEPT_SECS: libc::c_int = 1;
+
+/// Has the kernel hand over a new connection only once its first bytes (a request line or a
+/// TLS ClientHello) have arrived, as nginx's `listen ... deferred` and HAProxy's `defer-accept`
+/// do. HTTP and TLS clients speak first, so the worker wakes once per new connection instead
+/// of twice (the accept, then the first read), and a client no longer pays for waking an idle
+/// proxy twice (docs/performance.md, TLS). Only for listeners whose clients speak first: the
+/// `tcp` listener relays protocols where the server does. Failing to set it only loses that.
+#[cfg(target_os = "linux")]
+fn defer_accept(listener: &TcpListener, name: &str) {
+    use std::os::fd::AsRawFd;
+    let secs = DEFER_ACCEPT_SECS;
+    let len = libc::socklen_t::try_from(std::mem::size_of_val(&secs)).unwrap_or(0);
+    // SAFETY: the descriptor belongs to `listener`, borrowed for the whole call; the value
+    // points to a c_int that outlives the call, and `len` is its size, as TCP_DEFER_ACCEPT
+    // expects.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            std::ptr::from_ref(&secs).cast(),
+            len,
+        )
+    };
+    if rc != 0 {
+        let error = io::Error::last_os_error();
+        tracing::warn!(listener = name, %error, "could not defer accepting to the first bytes");
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn defer_accept(_: &TcpListener, _: &str) {}
 
 /// Binds a listener address, with an error that names it.
 pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
