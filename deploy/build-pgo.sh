@@ -87,6 +87,24 @@ origin=127.0.0.1:$((base + 2))
 admin=127.0.0.1:$((base + 3))
 relay=127.0.0.1:$((base + 4))
 body=$(printf 'x%.0s' $(seq 64))
+# The end of both configurations below: the direct-response origin, the last listener, and
+# the first backend, which forwards to it.
+origin_yaml=$(cat <<EOF
+  - name: origin
+    address: "$origin"
+    routes:
+      - name: origin
+        match:
+          prefix: /
+        direct_response:
+          status: 200
+          body: "$body"
+backends:
+  - name: origin
+    protocol: http1
+    endpoints: ["$origin"]
+EOF
+)
 
 # Another process on one of these ports would answer the readiness checks and take the load.
 for port in $(seq "$base" $((base + 4))); do
@@ -136,19 +154,7 @@ listeners:
           prefix: /
         forward:
           backend: origin
-  - name: origin
-    address: "$origin"
-    routes:
-      - name: origin
-        match:
-          prefix: /
-        direct_response:
-          status: 200
-          body: "$body"
-backends:
-  - name: origin
-    protocol: http1
-    endpoints: ["$origin"]
+$origin_yaml
 EOF
 say "2/3 start-up run, then the training load"
 start_instrumented "$work/startup.yaml" "LLVM_PROFILE_FILE=$startup_profiles/%p.profraw"
@@ -205,19 +211,7 @@ listeners:
     protocol: tcp
     tcp:
       backend: origin
-  - name: origin
-    address: "$origin"
-    routes:
-      - name: origin
-        match:
-          prefix: /
-        direct_response:
-          status: 200
-          body: "$body"
-backends:
-  - name: origin
-    protocol: http1
-    endpoints: ["$origin"]
+$origin_yaml
   - name: origin-h2c
     protocol: h2c
     endpoints: ["$origin"]
