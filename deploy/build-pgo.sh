@@ -22,7 +22,7 @@
 # this project's benchmarks (docs/performance.md) that gave 9 to 14% more keep-alive requests
 # per second. The order is for memory: most of an idle proxy's resident memory is the pages of
 # its own code touched at startup, and the kernel maps 64 KB or more around each touched page;
-# with the start-up code in one place the idle RSS is about 1.7 MB smaller.
+# with the start-up code in one place the idle RSS was 1.2 to 2.1 MB smaller (docs/performance.md).
 #
 # Needs: curl, and llvm-profdata of an LLVM that reads the toolchain's profiles. It is looked
 # up in this order: $LLVM_PROFDATA; the toolchain's own (`rustup component add llvm-tools`);
