@@ -296,6 +296,56 @@ async fn aes_128_is_preferred_unless_the_client_puts_chacha20_first() {
     }
 }
 
+/// One request with `openssl s_client` over TLS 1.3, saving its session to `session` and
+/// resuming from it when it exists; returns (NewSessionTicket messages received, resumed).
+fn ticketed_request(addr: std::net::SocketAddr, session: &Path) -> (usize, bool) {
+    let resume = if session.exists() {
+        format!("-sess_in {}", session.display())
+    } else {
+        String::new()
+    };
+    let next = session.with_extension("next");
+    // -ign_eof: read until the server closes, so tickets sent after the handshake are seen.
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "printf 'GET / HTTP/1.1\\r\\nHost: a.test\\r\\nConnection: close\\r\\n\\r\\n' | \
+             timeout 10 openssl s_client -connect {addr} -servername a.test -tls1_3 -msg -ign_eof \
+             {resume} -sess_out {} 2>&1",
+            next.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("HTTP/1.1 200"), "no response: {text}");
+    std::fs::rename(&next, session).unwrap();
+    let tickets = text
+        .lines()
+        .filter(|l| l.starts_with("<<<") && l.ends_with("NewSessionTicket"))
+        .count();
+    (tickets, text.contains("\nReused, TLSv1.3"))
+}
+
+// openssl blocks this thread; the upstream runs on the other worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_session_ticket_per_handshake_and_each_resumes_the_next() {
+    let (_up, ca, b) = one_certificate("tls-tickets", "").await;
+    let addr = listener(&b, "secure");
+    let session = ca.dir.path().join("session.pem");
+    assert_eq!(
+        ticketed_request(addr, &session),
+        (1, false),
+        "full handshake"
+    );
+    for i in 1..=3 {
+        assert_eq!(
+            ticketed_request(addr, &session),
+            (1, true),
+            "resumption {i}"
+        );
+    }
+}
+
 /// HTTP/2 (by ALPN) connections have no request-head timer: one that stays quiet before and
 /// between its requests is kept.
 #[tokio::test]

@@ -232,6 +232,17 @@ impl TlsListener {
     }
 }
 
+/// TLS 1.3 session tickets sent after each handshake. A ticket resumes one connection, and
+/// that connection's handshake brings the next one, so a client reconnecting one connection
+/// at a time always holds one (as with Go's servers, and as OpenSSL does after a resumption).
+/// rustls' default of two costs both sides a ticket per connection that such a client never
+/// uses: a key derivation and a cache entry here, parsing and storing a session in the client.
+const TLS13_TICKETS: usize = 1;
+
+/// More tickets for a client that asks for them (RFC 9149 `ticket_request`), e.g. to resume
+/// several parallel connections.
+const MAX_TLS13_TICKETS: usize = 4;
+
 fn site(
     id: usize,
     versions: &[&'static rustls::SupportedProtocolVersion],
@@ -274,6 +285,8 @@ fn site(
         };
         let mut config = builder.with_cert_resolver(Arc::clone(&resolver) as _);
         config.alpn_protocols = alpn.to_vec();
+        config.send_tls13_tickets = TLS13_TICKETS;
+        config.max_tls13_tickets = MAX_TLS13_TICKETS;
         Ok(config)
     };
     let client_order = config(tls::provider())?;

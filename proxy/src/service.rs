@@ -25,6 +25,7 @@ use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
 use crate::listener::ConnActivity;
 use crate::pool;
+use crate::rate_limit::RateLimitHeaders;
 use crate::router::{host_port, normalize_host, normalize_path, MAX_HOST_LEN};
 use crate::table::{
     Action, Backend, DirectResponse, Endpoint, HashKey, Redirect, RetryPolicy, Route, RouteTable,
@@ -88,52 +89,79 @@ pub struct ConnTls {
 
 /// Handles one request. Never fails: errors become responses, and a panic becomes a 500
 /// for this request only.
-pub async fn handle(
+///
+/// Everything before the first wait (routing, the request's headers, picking the backend)
+/// runs in this call, so the future returned holds only what the wait needs: hyper moves a
+/// handler's future into place for every request, and the request path's whole state would
+/// make that a copy of over a kilobyte.
+pub fn handle(
     cx: Arc<ConnContext>,
     req: Request<Incoming>,
-) -> Result<Response<ObservedBody>, Infallible> {
+) -> impl Future<Output = Result<Response<ObservedBody>, Infallible>> + Send {
     let version = req.version();
     let busy = InRequest::begin(cx);
-    let cx = &busy.0;
     let mut ids = None;
-    let result = AssertUnwindSafe(proxy(cx, req, &mut ids))
-        .catch_unwind()
-        .await;
-    match result {
-        Ok(mut resp) => {
-            if let Some(h) = &cx.hsts {
-                resp.headers_mut()
-                    .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+    let started = std::panic::catch_unwind(AssertUnwindSafe(|| proxy(&busy.0, req, &mut ids)));
+    async move {
+        let result = match started {
+            Ok(Started::Done(resp)) => Ok(resp),
+            Ok(Started::Forwarding(forwarding, limit_headers)) => {
+                let result = AssertUnwindSafe(forwarding).catch_unwind().await;
+                result.map(|mut resp| {
+                    if let Some(h) = &limit_headers {
+                        h.apply(resp.headers_mut());
+                    }
+                    resp
+                })
             }
-            Ok(resp.map(|b| b.in_request(busy)))
-        }
-        Err(_) => {
-            metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
-            let (request_id, trace_id) = match &ids {
-                Some((r, t)) => (r.to_str().ok(), Some(tracing::field::display(t.trace_id()))),
-                None => (None, None),
-            };
-            tracing::error!(
-                listener = &*cx.listener_name,
-                request_id,
-                trace_id,
-                "request handler panicked; answered 500"
-            );
-            let mut resp = error_response(&ProxyError::Internal, version);
-            resp.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            Ok(resp.map(|b| ObservedBody::bare(b).in_request(busy)))
+            Err(panic) => Err(panic),
+        };
+        let cx = &busy.0;
+        match result {
+            Ok(mut resp) => {
+                if let Some(h) = &cx.hsts {
+                    resp.headers_mut()
+                        .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
+                }
+                Ok(resp.map(|b| b.in_request(busy)))
+            }
+            Err(_) => {
+                metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
+                let (request_id, trace_id) = match &ids {
+                    Some((r, t)) => (r.to_str().ok(), Some(tracing::field::display(t.trace_id()))),
+                    None => (None, None),
+                };
+                tracing::error!(
+                    listener = &*cx.listener_name,
+                    request_id,
+                    trace_id,
+                    "request handler panicked; answered 500"
+                );
+                let mut resp = error_response(&ProxyError::Internal, version);
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                Ok(resp.map(|b| ObservedBody::bare(b).in_request(busy)))
+            }
         }
     }
 }
 
-/// `ids` gets the request id and trace context as soon as they exist, so that a panic
-/// can still be logged with them.
-async fn proxy(
+/// Where the request path stands when it first has to wait.
+enum Started<F> {
+    /// Answered: a direct response, a redirect, or an error.
+    Done(Response<ObservedBody>),
+    /// Forwarding (boxed, so that the future holding it stays small), and the rate
+    /// limiter's headers for its response.
+    Forwarding(Pin<Box<F>>, Option<RateLimitHeaders>),
+}
+
+/// The request path up to its first wait. `ids` gets the request id and trace context as
+/// soon as they exist, so that a panic can still be logged with them.
+fn proxy(
     cx: &Arc<ConnContext>,
     mut req: Request<Incoming>,
     ids: &mut Option<(HeaderValue, TraceContext)>,
-) -> Response<ObservedBody> {
+) -> Started<impl Future<Output = Response<ObservedBody>> + Send> {
     let start = Instant::now();
     let mut bad_path = false;
     if let Some(path) = normalize_path(req.uri().path()) {
@@ -152,11 +180,11 @@ async fn proxy(
         let guard = cx.table.load();
         let Some(table) = guard.as_ref() else {
             let err = ProxyError::NoEndpoints("no routing table has been published yet".into());
-            return error_response(&err, req.version()).map(ObservedBody::bare);
+            return Started::Done(error_response(&err, req.version()).map(ObservedBody::bare));
         };
         let Some(lt) = table.listener(cx.listener, &cx.listener_name) else {
             let err = ProxyError::NoEndpoints("this listener is being removed".into());
-            return error_response(&err, req.version()).map(ObservedBody::bare);
+            return Started::Done(error_response(&err, req.version()).map(ObservedBody::bare));
         };
         let mut buf = [0u8; MAX_HOST_LEN];
         let raw_host = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("");
@@ -164,7 +192,7 @@ async fn proxy(
         if let Some(tls) = &cx.tls {
             if !tls.listener.allows(tls.site, h) {
                 let err = ProxyError::Misdirected(h.to_owned());
-                return error_response(&err, req.version()).map(ObservedBody::bare);
+                return Started::Done(error_response(&err, req.version()).map(ObservedBody::bare));
             }
         }
         let route = if bad_path {
@@ -203,7 +231,7 @@ async fn proxy(
         (Some(_), true) => req.headers().get(&TRACESTATE).cloned(),
         _ => None,
     };
-    let mut done = Completion {
+    let mut done = Box::new(Completion {
         start,
         method: req.method().clone(),
         host,
@@ -224,13 +252,13 @@ async fn proxy(
         in_flight: None,
         backend_slot: None,
         bytes: 0,
-    };
+    });
 
     let (route, target) = match found {
         Ok(found) => found,
         Err(_) if bad_path => {
             let err = ProxyError::BadRequest("unusable path after removing dot segments");
-            return finish_error(err, req.version(), done);
+            return Started::Done(finish_error(err, req.version(), done));
         }
         Err(_) => {
             let err = ProxyError::NoRoute {
@@ -242,7 +270,7 @@ async fn proxy(
                     .to_owned(),
                 path: done.uri.path().to_owned(),
             };
-            return finish_error(err, req.version(), done);
+            return Started::Done(finish_error(err, req.version(), done));
         }
     };
 
@@ -257,7 +285,7 @@ async fn proxy(
                 };
                 let mut resp = finish_error(err, req.version(), done);
                 limited.apply(resp.headers_mut());
-                return resp;
+                return Started::Done(resp);
             }
         }
     }
@@ -265,17 +293,12 @@ async fn proxy(
     let mut resp = match &route.action {
         Action::Direct(d) => direct(d, req.version()),
         Action::Redirect(r) => redirect(r, &req, cx.scheme),
-        // Boxed: the forwarding future is large, and hyper moves the handler's future
-        // before polling it; a box keeps that move to a pointer. The box is bound before
-        // the await: a temporary in the awaited expression lives until the statement ends,
-        // so the unboxed future would still take its size in this future's state.
+        // Boxed in place: the forwarding future is kilobytes, and a box keeps every later
+        // move of it to a pointer.
         Action::Forward(_) => {
-            let forwarding = boxed_in_place(|| forward(cx, &route, target, req, done));
-            let mut resp = forwarding.await;
-            if let Some(h) = &limit_headers {
-                h.apply(resp.headers_mut());
-            }
-            return resp;
+            let cx = Arc::clone(cx);
+            let forwarding = boxed_in_place(|| forward(cx, route, target, req, done));
+            return Started::Forwarding(forwarding, limit_headers);
         }
     };
     finish_response(&route, &mut resp, &done);
@@ -283,7 +306,7 @@ async fn proxy(
         h.apply(resp.headers_mut());
     }
     done.status = resp.status();
-    resp.map(|b| ObservedBody::new(b, done))
+    Started::Done(resp.map(|b| ObservedBody::new(b, done)))
 }
 
 /// Boxes a large future made by `make`. Allocating first and writing the future straight
@@ -308,11 +331,11 @@ fn pick_target(table: &RouteTable, route: &Route) -> Option<Picked> {
 }
 
 async fn forward(
-    cx: &Arc<ConnContext>,
-    route: &Arc<Route>,
+    cx: Arc<ConnContext>,
+    route: Arc<Route>,
     target: Option<Picked>,
     mut req: Request<Incoming>,
-    mut done: Completion,
+    mut done: Box<Completion>,
 ) -> Response<ObservedBody> {
     let version = req.version();
     let Some((backend, metrics)) = target else {
@@ -404,7 +427,8 @@ async fn forward(
     let mut sendable = match policy {
         // Boxed, as the other awaits only some requests make: each would otherwise make
         // every request's future larger, and that future is moved. (Each box is bound
-        // before its await, for the reason given in `proxy`.)
+        // before its await: a temporary in the awaited expression lives until the statement
+        // ends, so the unboxed future would still take its size in this future's state.)
         Some(p) => {
             let replayable = Box::pin(Sendable::replayable(parts, body, p.buffer_bytes));
             match replayable.await {
@@ -505,13 +529,13 @@ async fn forward(
         };
         // The tunnel holds the endpoint's in-flight slot for as long as it lasts; the
         // connection is the tunnel's now, never pooled again.
-        let busy = InRequest::begin(Arc::clone(cx));
+        let busy = InRequest::begin(Arc::clone(&cx));
         tokio::spawn(tunnel(down, up, ep.addr, (in_flight, busy)));
     } else {
         done.in_flight = Some(in_flight);
     }
     *resp.version_mut() = version;
-    finish_response(route, &mut resp, &done);
+    finish_response(&route, &mut resp, &done);
     done.status = resp.status();
     resp.map(|b| ObservedBody::new(b, done))
 }
@@ -585,7 +609,7 @@ fn fail(
     err: ProxyError,
     version: Version,
     backend: &Backend,
-    done: Completion,
+    done: Box<Completion>,
 ) -> Response<ObservedBody> {
     tracing::warn!(
         backend = &*backend.name,
@@ -885,7 +909,11 @@ fn finish_response<B>(route: &Route, resp: &mut Response<B>, done: &Completion) 
         .insert(X_REQUEST_ID.clone(), done.request_id.clone());
 }
 
-fn finish_error(err: ProxyError, version: Version, mut done: Completion) -> Response<ObservedBody> {
+fn finish_error(
+    err: ProxyError,
+    version: Version,
+    mut done: Box<Completion>,
+) -> Response<ObservedBody> {
     let mut resp = error_response(&err, version);
     resp.headers_mut()
         .insert(X_REQUEST_ID.clone(), done.request_id.clone());
