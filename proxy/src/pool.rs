@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
 use crossbeam_queue::ArrayQueue;
-use http::{Request, Response};
+use http::Response;
 use http_body::Body as _;
 use tokio::sync::Notify;
 
@@ -227,19 +227,19 @@ enum Acquired {
     Slot(ConnectionSlot),
 }
 
-/// Sends `req` to the endpoint on an idle connection or a new one, and returns the response
-/// once its head has arrived. Its body reads from the connection, which goes back to the
-/// endpoint's idle list when the body has been read to the end.
+/// Sends a request (`parts`, `body`) to the endpoint on an idle connection or a new one, and
+/// returns the response once its head has arrived. Its body reads from the connection, which
+/// goes back to the endpoint's idle list when the body has been read to the end.
 pub async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
-    req: Request<ProxyBody>,
+    parts: &http::request::Parts,
+    body: ProxyBody,
     deadline: Option<Deadline>,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let addr = endpoint.addr();
     let tls = settings.tls_fingerprint();
-    let (parts, body) = req.into_parts();
     // A request without a body is never polled for one, so it stays whole for a resend.
     let mut body = Some(body).filter(|b| !b.is_end_stream());
     let resendable = body.is_none() && is_idempotent(&parts.method);
@@ -268,7 +268,7 @@ pub async fn send(
                 }
             }
         };
-        let mut ex = Exchange::new(conn, &parts, body.take(), deadline.as_ref().map(|d| d.at));
+        let mut ex = Exchange::new(conn, parts, body.take(), deadline.as_ref().map(|d| d.at));
         let failure = match (ex.response_head(&parts.method).await, &deadline) {
             (Ok(head), _) => {
                 let home = Home {

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
@@ -436,7 +437,7 @@ async fn forward(
                 Err(e) => return finish_error(e, version, done),
             }
         }
-        None => Sendable::Once(Some(Request::from_parts(parts, ProxyBody::Upstream(body)))),
+        None => Sendable::once(parts, ProxyBody::Upstream(body)),
     };
     let may_retry_status = policy.is_some_and(|p| p.non_idempotent || is_idempotent(&done.method));
     // The route timeout bounds every attempt together.
@@ -455,12 +456,20 @@ async fn forward(
         last = Some(i);
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
-        let Some(upstream_req) = sendable.next(ep, http1, h2_authority.as_ref(), scheme.clone())
-        else {
+        let Some(attempting) = attempt(
+            backend,
+            ep,
+            &mut sendable,
+            h2_authority.as_ref(),
+            scheme.clone(),
+            deadline,
+            policy,
+        ) else {
             return finish_error(ProxyError::Internal, version, done);
         };
         let in_flight = ep.state.start();
-        let mut result = attempt(backend, ep, upstream_req, deadline, policy).await;
+        let mut result = attempting.await;
+        note_failure(backend, &result);
         if let (Ok(r), Some(p)) = (&mut result, policy) {
             // Worth reading ahead only when a gRPC failure could still be retried.
             let could_retry = retries < p.retries && sendable.replays() && may_retry_status;
@@ -541,14 +550,20 @@ async fn forward(
 }
 
 /// One try: sends on the backend's connection type, within the per-try timeout and what
-/// is left of the route timeout.
-async fn attempt(
-    backend: &Backend,
-    ep: &Endpoint,
-    req: Request<ProxyBody>,
+/// is left of the route timeout; `None` when the request's streamed body has been sent
+/// already. A plain function returning the connection type's own future, so the caller
+/// awaits that future directly: an `async fn` here would wrap it in a second future as
+/// large, and each layer copies what it awaits into itself. The HTTP/2 send is boxed: it is
+/// larger than the HTTP/1.1 exchange, and would make every request's future its size.
+fn attempt<'a>(
+    backend: &'a Backend,
+    ep: &'a Endpoint,
+    sendable: &'a mut Sendable,
+    h2_authority: Option<&Authority>,
+    scheme: Scheme,
     deadline: Option<(tokio::time::Instant, Duration)>,
     policy: Option<&RetryPolicy>,
-) -> Result<Response<ProxyBody>, ProxyError> {
+) -> Option<impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a> {
     let per_try = policy
         .and_then(|p| p.per_try_timeout)
         .map(|t| (tokio::time::Instant::now() + t, t, true));
@@ -563,36 +578,51 @@ async fn attempt(
         timeout,
         per_try,
     });
-    let result = match &backend.upstream {
+    Some(match &backend.upstream {
         // An HTTP/1.1 exchange watches its deadline itself, with a timer kept per connection.
         Upstream::Http1(settings) => {
-            pool::send(&ep.state, &backend.state, settings, req, limit).await
+            let (head, body) = sendable.next_h1(ep)?;
+            Either::Left(pool::send(
+                &ep.state,
+                &backend.state,
+                settings,
+                head,
+                body,
+                limit,
+            ))
         }
         Upstream::H2 {
             connect_timeout,
             tls,
         } => {
-            let send = ep
-                .state
-                .h2
-                .send(ep.addr, *connect_timeout, tls.as_deref(), req);
-            match limit {
-                // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps the
-                // large request future in place instead of copying it.
-                Some(d) => {
-                    tokio::pin!(send);
-                    tokio::select! {
-                        biased;
-                        r = &mut send => r,
-                        () = tokio::time::sleep_until(d.at) => Err(d.error(ep.addr)),
+            let req = sendable.next_h2(ep, h2_authority, scheme)?;
+            Either::Right(Box::pin(async move {
+                let send = ep
+                    .state
+                    .h2
+                    .send(ep.addr, *connect_timeout, tls.as_deref(), req);
+                match limit {
+                    // Racing a pinned sleep, rather than wrapping `send` in `timeout`, keeps
+                    // the large request future in place instead of copying it.
+                    Some(d) => {
+                        tokio::pin!(send);
+                        tokio::select! {
+                            biased;
+                            r = &mut send => r,
+                            () = tokio::time::sleep_until(d.at) => Err(d.error(ep.addr)),
+                        }
                     }
+                    None => send.await,
                 }
-                None => send.await,
-            }
-            .map(|r| r.map(ProxyBody::Upstream))
+                .map(|r| r.map(ProxyBody::Upstream))
+            }))
         }
-    };
-    match &result {
+    })
+}
+
+/// Counts what an attempt's failure says about the backend.
+fn note_failure(backend: &Backend, result: &Result<Response<ProxyBody>, ProxyError>) {
+    match result {
         Err(e) if e.is_connect_failure() => backend.connect_failures.increment(1),
         // `max_connections` is found out by the connector, during the attempt.
         Err(ProxyError::CircuitOpen(b)) => {
@@ -600,7 +630,6 @@ async fn attempt(
         }
         _ => {}
     }
-    result
 }
 
 /// Answers a forwarded request that failed, and logs why with the ids that tie the line to
@@ -773,22 +802,33 @@ async fn read_grpc_status(
     Ok(())
 }
 
-/// A request that can be sent once, or again for each retry.
-enum Sendable {
+/// The request to send, as many times as its attempts need: its head, and its body.
+struct Sendable {
+    /// HTTP/1.1 attempts encode it from here; an HTTP/2 attempt takes it (streamed body) or
+    /// copies it (kept body).
+    head: Option<http::request::Parts>,
+    body: SendBody,
+    /// The head's Host names the endpoint of the last attempt (the client sent none).
+    endpoint_host: bool,
+}
+
+enum SendBody {
     /// Streamed: sent at most once.
-    Once(Option<Request<ProxyBody>>),
-    /// Kept: head and complete body, rebuilt for each attempt.
-    Replay {
-        method: http::Method,
-        uri: Uri,
-        version: Version,
-        headers: http::HeaderMap,
-        body: Option<bytes::Bytes>,
-        trailers: Option<http::HeaderMap>,
-    },
+    Once(Option<ProxyBody>),
+    /// Kept whole, with its trailers if it had any: sent again for each attempt.
+    Kept(Option<bytes::Bytes>, Option<http::HeaderMap>),
 }
 
 impl Sendable {
+    /// A request whose body is streamed, so sent at most once.
+    fn once(head: http::request::Parts, body: ProxyBody) -> Self {
+        Self {
+            head: Some(head),
+            body: SendBody::Once(Some(body)),
+            endpoint_host: false,
+        }
+    }
+
     /// Reads the body into memory, up to `limit` bytes, so it can be sent again. A larger
     /// body is streamed (what was read first, then the rest) and the request is sent once.
     async fn replayable(
@@ -799,8 +839,7 @@ impl Sendable {
         use http_body::Body as _;
         use http_body_util::BodyExt as _;
         if body.size_hint().lower() > limit as u64 {
-            let req = Request::from_parts(parts, ProxyBody::Upstream(body));
-            return Ok(Self::Once(Some(req)));
+            return Ok(Self::once(parts, ProxyBody::Upstream(body)));
         }
         let mut kept = bytes::BytesMut::new();
         let mut trailers = None;
@@ -812,63 +851,64 @@ impl Sendable {
                     kept.extend_from_slice(&data);
                     if kept.len() > limit {
                         let first = Some(http_body::Frame::data(kept.freeze()));
-                        let req = Request::from_parts(parts, ProxyBody::Resumed(first, body));
-                        return Ok(Self::Once(Some(req)));
+                        return Ok(Self::once(parts, ProxyBody::Resumed(first, body)));
                     }
                 }
                 Err(frame) => trailers = frame.into_trailers().ok(),
             }
         }
-        Ok(Self::Replay {
-            method: parts.method,
-            uri: parts.uri,
-            version: parts.version,
-            headers: parts.headers,
-            body: (!kept.is_empty()).then(|| kept.freeze()),
-            trailers,
+        Ok(Self {
+            head: Some(parts),
+            body: SendBody::Kept((!kept.is_empty()).then(|| kept.freeze()), trailers),
+            endpoint_host: false,
         })
     }
 
     fn replays(&self) -> bool {
-        matches!(self, Self::Replay { .. })
+        matches!(self.body, SendBody::Kept(..))
     }
 
-    /// The request for the next attempt, addressed to `ep`; `None` once a streamed body
-    /// has been sent.
-    fn next(
+    /// The body for the next attempt; `None` once a streamed body has been sent.
+    fn next_body(&mut self) -> Option<ProxyBody> {
+        match &mut self.body {
+            SendBody::Once(b) => b.take(),
+            SendBody::Kept(data, trailers) => Some(ProxyBody::Kept(data.clone(), trailers.clone())),
+        }
+    }
+
+    /// The next HTTP/1.1 attempt's head and body. Origin-form on the wire, as a client sends
+    /// to a server; a request that came without any host names the endpoint, as hyper's
+    /// pooled client did.
+    fn next_h1(&mut self, ep: &Endpoint) -> Option<(&http::request::Parts, ProxyBody)> {
+        let body = self.next_body()?;
+        let head = self.head.as_mut()?;
+        if self.endpoint_host || !head.headers.contains_key(header::HOST) {
+            let host = HeaderValue::from_str(ep.authority.as_str()).ok()?;
+            head.headers.insert(header::HOST, host);
+            self.endpoint_host = true;
+        }
+        Some((head, body))
+    }
+
+    /// The next HTTP/2 attempt's request, in absolute form (`:scheme`, `:authority`).
+    fn next_h2(
         &mut self,
         ep: &Endpoint,
-        http1: bool,
         h2_authority: Option<&Authority>,
         scheme: Scheme,
     ) -> Option<Request<ProxyBody>> {
-        let mut req = match self {
-            Self::Once(r) => r.take()?,
-            Self::Replay {
-                method,
-                uri,
-                version,
-                headers,
-                body,
-                trailers,
-            } => {
-                let mut r = Request::new(ProxyBody::Kept(body.clone(), trailers.clone()));
-                *r.method_mut() = method.clone();
-                *r.uri_mut() = uri.clone();
-                *r.version_mut() = *version;
-                *r.headers_mut() = headers.clone();
-                r
-            }
+        let body = self.next_body()?;
+        let mut req = if self.replays() {
+            let head = self.head.as_ref()?;
+            let mut r = Request::new(body);
+            *r.method_mut() = head.method.clone();
+            *r.uri_mut() = head.uri.clone();
+            *r.version_mut() = head.version;
+            *r.headers_mut() = head.headers.clone();
+            r
+        } else {
+            Request::from_parts(self.head.take()?, body)
         };
-        if http1 {
-            // Origin-form on the wire, as a client sends to a server; a request that came
-            // without any host names the endpoint, as hyper's pooled client did.
-            if !req.headers().contains_key(header::HOST) {
-                let host = HeaderValue::from_str(ep.authority.as_str()).ok()?;
-                req.headers_mut().insert(header::HOST, host);
-            }
-            return Some(req);
-        }
         let authority = h2_authority.unwrap_or(&ep.authority).clone();
         let mut uri = std::mem::take(req.uri_mut()).into_parts();
         uri.scheme = Some(scheme);
