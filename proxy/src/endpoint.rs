@@ -23,10 +23,17 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the EWMA decay.
 const DECAY: Duration = Duration::from_secs(10);
 
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
 /// Nanoseconds on a monotonic clock shared by all endpoint state.
 pub(crate) fn clock_ns() -> u64 {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// `clock_ns()` at an instant read before, without reading the clock again.
+pub(crate) fn clock_ns_at(t: Instant) -> u64 {
+    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
+        .as_nanos() as u64
 }
 
 /// State of one endpoint of one backend.
@@ -90,10 +97,15 @@ impl EndpointState {
 
     /// Marks a request as started; the guard ends it.
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(clock_ns())
+    }
+
+    /// Marks a request as started at `now` (`clock_ns()`); the guard ends it.
+    pub fn start_at(self: &Arc<Self>, now: u64) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight {
             state: Arc::clone(self),
-            started_ns: clock_ns(),
+            started_ns: now,
         }
     }
 

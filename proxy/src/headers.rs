@@ -144,23 +144,26 @@ pub fn set_forwarded(
     proto: &'static str,
     host: Option<&HeaderValue>,
 ) {
-    // Every X-Forwarded-For line counts: a client may send several.
-    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
-        let mut v = Vec::new();
-        for prev in headers.get_all(&X_FORWARDED_FOR) {
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
+    // One hashed lookup per header, whether the client sent it or not.
+    match headers.entry(&X_FORWARDED_FOR) {
+        header::Entry::Vacant(e) => {
+            e.insert(client_ip.clone());
         }
-        v.extend_from_slice(client_ip.as_bytes());
-        HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone())
-    } else {
-        client_ip.clone()
-    };
-    headers.insert(X_FORWARDED_FOR.clone(), xff);
+        // Every X-Forwarded-For line counts: a client may send several. They become one.
+        header::Entry::Occupied(mut e) => {
+            let mut v = Vec::new();
+            for prev in e.iter() {
+                v.extend_from_slice(prev.as_bytes());
+                v.extend_from_slice(b", ");
+            }
+            v.extend_from_slice(client_ip.as_bytes());
+            e.insert(HeaderValue::from_bytes(&v).unwrap_or_else(|_| client_ip.clone()));
+        }
+    }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if let Some(h) = host {
-        if !headers.contains_key(&X_FORWARDED_HOST) {
-            headers.insert(X_FORWARDED_HOST.clone(), h.clone());
+        if let header::Entry::Vacant(e) = headers.entry(&X_FORWARDED_HOST) {
+            e.insert(h.clone());
         }
     }
 }

@@ -171,13 +171,19 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
 }
 
 impl Http1Pool {
-    /// An idle connection made with `tls`, still open, and how long it was idle.
-    fn checkout(&self, tls: u64, idle_timeout: Duration) -> Option<(Box<Conn>, Duration)> {
+    /// An idle connection made with `tls`, still open, and how long it was idle at `now`
+    /// (`clock_ns()`).
+    fn checkout(
+        &self,
+        tls: u64,
+        idle_timeout: Duration,
+        now: u64,
+    ) -> Option<(Box<Conn>, Duration)> {
         let q = self.idle.load();
         let q = q.as_deref()?;
         for _ in 0..MAX_STALE_POPS {
             let mut conn = q.pop()?;
-            let idle = Duration::from_nanos(clock_ns().saturating_sub(conn.idle_since));
+            let idle = Duration::from_nanos(now.saturating_sub(conn.idle_since));
             if conn.tls == tls && idle < idle_timeout && conn.still_open() {
                 return Some((conn, idle));
             }
@@ -207,7 +213,7 @@ impl Http1Pool {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if let Some(idle) = self.checkout(tls, settings.idle_timeout) {
+            if let Some(idle) = self.checkout(tls, settings.idle_timeout, clock_ns()) {
                 return Ok(Acquired::Idle(idle));
             }
             tokio::select! {
@@ -229,7 +235,8 @@ enum Acquired {
 
 /// Sends a request (`parts`, `body`) to the endpoint on an idle connection or a new one, and
 /// returns the response once its head has arrived. Its body reads from the connection, which
-/// goes back to the endpoint's idle list when the body has been read to the end.
+/// goes back to the endpoint's idle list when the body has been read to the end. `now`
+/// (`clock_ns()`, the attempt's start) tells how long a pooled connection has been idle.
 pub async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Arc<BackendState>,
@@ -237,6 +244,7 @@ pub async fn send(
     parts: &http::request::Parts,
     body: ProxyBody,
     deadline: Option<Deadline>,
+    now: u64,
 ) -> Result<Response<ProxyBody>, ProxyError> {
     let addr = endpoint.addr();
     let tls = settings.tls_fingerprint();
@@ -249,7 +257,7 @@ pub async fn send(
         let pooled = if fresh {
             None
         } else {
-            endpoint.http1.checkout(tls, settings.idle_timeout)
+            endpoint.http1.checkout(tls, settings.idle_timeout, now)
         };
         let (conn, idle) = match pooled {
             Some(c) => c,

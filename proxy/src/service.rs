@@ -21,6 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{Completion, ObservedBody, ProxyBody};
 use crate::breaker::Breaker;
+use crate::endpoint::{clock_ns, clock_ns_at};
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
@@ -217,13 +218,10 @@ fn proxy(
     };
 
     // The id is added after matching, so a route's header condition sees what the client sent.
-    let request_id = match req.headers().get(&X_REQUEST_ID) {
-        Some(v) => v.clone(),
-        None => {
-            let v = headers::new_request_id();
-            req.headers_mut().insert(X_REQUEST_ID.clone(), v.clone());
-            v
-        }
+    // One hashed lookup whether the client sent one or not.
+    let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
+        header::Entry::Occupied(e) => e.get().clone(),
+        header::Entry::Vacant(e) => e.insert(headers::new_request_id()).clone(),
     };
     let trace = TraceContext::for_request(req.headers(), sample_ratio);
     *ids = Some((request_id.clone(), trace));
@@ -456,18 +454,25 @@ async fn forward(
         last = Some(i);
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
+        // The first attempt starts when the request arrived, as far as the endpoint's
+        // latency and the pool's idle times can tell (a clock read fewer); a retry reads it.
+        let now = if retries == 0 {
+            clock_ns_at(done.start)
+        } else {
+            clock_ns()
+        };
+        let in_flight = ep.state.start_at(now);
         let Some(attempting) = attempt(
             backend,
             ep,
             &mut sendable,
             h2_authority.as_ref(),
             scheme.clone(),
-            deadline,
-            policy,
+            attempt_limit(deadline, policy),
+            now,
         ) else {
             return finish_error(ProxyError::Internal, version, done);
         };
-        let in_flight = ep.state.start();
         let mut result = attempting.await;
         note_failure(backend, &result);
         if let (Ok(r), Some(p)) = (&mut result, policy) {
@@ -549,8 +554,8 @@ async fn forward(
     resp.map(|b| ObservedBody::new(b, done))
 }
 
-/// One try: sends on the backend's connection type, within the per-try timeout and what
-/// is left of the route timeout; `None` when the request's streamed body has been sent
+/// One try: sends on the backend's connection type, by `limit` (see [`attempt_limit`]) and
+/// with `now` as its start (`clock_ns()`); `None` when the request's streamed body has been sent
 /// already. A plain function returning the connection type's own future, so the caller
 /// awaits that future directly: an `async fn` here would wrap it in a second future as
 /// large, and each layer copies what it awaits into itself. The HTTP/2 send is boxed: it is
@@ -561,23 +566,9 @@ fn attempt<'a>(
     sendable: &'a mut Sendable,
     h2_authority: Option<&Authority>,
     scheme: Scheme,
-    deadline: Option<(tokio::time::Instant, Duration)>,
-    policy: Option<&RetryPolicy>,
+    limit: Option<pool::Deadline>,
+    now: u64,
 ) -> Option<impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'a> {
-    let per_try = policy
-        .and_then(|p| p.per_try_timeout)
-        .map(|t| (tokio::time::Instant::now() + t, t, true));
-    let limit = match (per_try, deadline) {
-        (Some(p), Some((d, t))) => Some(if p.0 < d { p } else { (d, t, false) }),
-        (Some(p), None) => Some(p),
-        (None, Some((d, t))) => Some((d, t, false)),
-        (None, None) => None,
-    };
-    let limit = limit.map(|(at, timeout, per_try)| pool::Deadline {
-        at,
-        timeout,
-        per_try,
-    });
     Some(match &backend.upstream {
         // An HTTP/1.1 exchange watches its deadline itself, with a timer kept per connection.
         Upstream::Http1(settings) => {
@@ -589,6 +580,7 @@ fn attempt<'a>(
                 head,
                 body,
                 limit,
+                now,
             ))
         }
         Upstream::H2 {
@@ -617,6 +609,28 @@ fn attempt<'a>(
                 .map(|r| r.map(ProxyBody::Upstream))
             }))
         }
+    })
+}
+
+/// When an attempt's response head is due: the per-try timeout or what is left of the route
+/// timeout (`deadline`), whichever comes first.
+fn attempt_limit(
+    deadline: Option<(tokio::time::Instant, Duration)>,
+    policy: Option<&RetryPolicy>,
+) -> Option<pool::Deadline> {
+    let per_try = policy
+        .and_then(|p| p.per_try_timeout)
+        .map(|t| (tokio::time::Instant::now() + t, t, true));
+    let limit = match (per_try, deadline) {
+        (Some(p), Some((d, t))) => Some(if p.0 < d { p } else { (d, t, false) }),
+        (Some(p), None) => Some(p),
+        (None, Some((d, t))) => Some((d, t, false)),
+        (None, None) => None,
+    };
+    limit.map(|(at, timeout, per_try)| pool::Deadline {
+        at,
+        timeout,
+        per_try,
     })
 }
 
