@@ -7,12 +7,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::breaker::BackendState;
+use crate::clock::clock_ns;
 use crate::health::{Health, HealthSnapshot};
 use crate::pool::Http1Pool;
 use crate::upstream::H2Slot;
@@ -22,19 +23,6 @@ use crate::upstream::H2Slot;
 const DEFAULT_RTT: Duration = Duration::from_millis(30);
 /// Time constant of the EWMA decay.
 const DECAY: Duration = Duration::from_secs(10);
-
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
-/// Nanoseconds on a monotonic clock shared by all endpoint state.
-pub(crate) fn clock_ns() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
-}
-
-/// `clock_ns()` at an instant read before, without reading the clock again.
-pub(crate) fn clock_ns_at(t: Instant) -> u64 {
-    t.saturating_duration_since(*EPOCH.get_or_init(Instant::now))
-        .as_nanos() as u64
-}
 
 /// State of one endpoint of one backend.
 #[derive(Debug)]

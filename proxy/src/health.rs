@@ -215,7 +215,7 @@ impl Health {
     /// else would ever bring the endpoint back.
     pub fn clear_ejection(&self) {
         if self.is_ejected() {
-            self.restore(crate::endpoint::clock_ns());
+            self.restore(crate::clock::clock_ns());
         }
     }
 

@@ -7,6 +7,7 @@ pub mod allocator;
 pub mod balancer;
 pub mod body;
 pub mod breaker;
+pub(crate) mod clock;
 pub mod endpoint;
 pub mod error;
 pub mod h1_client;

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -338,6 +338,8 @@ pub struct ConnActivity {
     in_flight: AtomicU32,
     /// HTTP/2: requests are streams, and no head timer applies to the connection.
     h2: AtomicBool,
+    /// `clock_ns()` when bytes last arrived (0: never): the arrival of the requests in them.
+    read_ns: AtomicU64,
 }
 
 impl ConnActivity {
@@ -354,6 +356,16 @@ impl ConnActivity {
     /// The connection speaks HTTP/2.
     pub(crate) fn mark_h2(&self) {
         self.h2.store(true, Ordering::Relaxed);
+    }
+
+    /// When the request just read arrived: when the connection last received bytes, as its
+    /// I/O wrapper read the clock then (nginx also times a request from its event's cached
+    /// time); now if nothing was recorded.
+    pub(crate) fn arrival(&self) -> std::time::Instant {
+        match self.read_ns.load(Ordering::Relaxed) {
+            0 => std::time::Instant::now(),
+            ns => crate::clock::instant_at(ns),
+        }
     }
 
     fn awaits_head(&self) -> bool {
@@ -467,6 +479,10 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
             Poll::Ready(r) => {
                 this.last = Instant::now();
                 if let Some(h) = &mut this.head {
+                    h.activity.read_ns.store(
+                        crate::clock::clock_ns_at(this.last.into_std()),
+                        Ordering::Relaxed,
+                    );
                     if !h.started && buf.filled().len() > before {
                         h.started = true;
                         // The HTTP/2 connection preface (prior knowledge) begins so; no

@@ -23,7 +23,8 @@ use tokio::sync::Notify;
 
 use crate::body::ProxyBody;
 use crate::breaker::{BackendState, Breaker, ConnectionSlot};
-use crate::endpoint::{clock_ns, EndpointState};
+use crate::clock::clock_ns;
+use crate::endpoint::EndpointState;
 use crate::error::ProxyError;
 use crate::h1_client::{Conn, Exchange, ExchangeError, Io};
 use crate::upstream::{connect_tcp, is_idempotent, tls_handshake};

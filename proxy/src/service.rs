@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::Either;
 use futures_util::FutureExt;
@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::body::{Completion, ObservedBody, ProxyBody};
 use crate::breaker::Breaker;
-use crate::endpoint::{clock_ns, clock_ns_at};
+use crate::clock::{clock_ns, clock_ns_at};
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
@@ -164,7 +164,7 @@ fn proxy(
     mut req: Request<Incoming>,
     ids: &mut Option<(HeaderValue, TraceContext)>,
 ) -> Started<impl Future<Output = Response<ObservedBody>> + Send> {
-    let start = Instant::now();
+    let start = cx.activity.arrival();
     let mut bad_path = false;
     if let Some(path) = normalize_path(req.uri().path()) {
         match with_path(req.uri(), &path) {
@@ -230,6 +230,15 @@ fn proxy(
         (Some(_), true) => req.headers().get(&TRACESTATE).cloned(),
         _ => None,
     };
+    // The backend's series when a backend was picked, else the route's (or the unmatched one).
+    let (found, metrics) = match found {
+        Ok((route, Some((backend, metrics)))) => (Ok((route, Some(backend))), metrics),
+        Ok((route, None)) => {
+            let metrics = Arc::clone(&route.local_metrics);
+            (Ok((route, None)), metrics)
+        }
+        Err(unmatched) => (Err(()), unmatched),
+    };
     let mut done = Box::new(Completion {
         start,
         method: req.method().clone(),
@@ -243,10 +252,7 @@ fn proxy(
         tracestate,
         retries: 0,
         listener: Arc::clone(&cx.listener_name),
-        metrics: match &found {
-            Ok((route, _)) => Arc::clone(&route.local_metrics),
-            Err(unmatched) => Arc::clone(unmatched),
-        },
+        metrics,
         access_log,
         in_flight: None,
         backend_slot: None,
@@ -332,17 +338,16 @@ fn pick_target(table: &RouteTable, route: &Route) -> Option<Picked> {
 async fn forward(
     cx: Arc<ConnContext>,
     route: Arc<Route>,
-    target: Option<Picked>,
+    backend: Option<Arc<Backend>>,
     mut req: Request<Incoming>,
     mut done: Box<Completion>,
 ) -> Response<ObservedBody> {
     let version = req.version();
-    let Some((backend, metrics)) = target else {
+    let Some(backend) = backend else {
         let reason = format!("route {:?} has no backend", route.name);
         return finish_error(ProxyError::NoEndpoints(reason), version, done);
     };
     let backend = &*backend;
-    done.metrics = metrics;
     let http1 = matches!(backend.upstream, Upstream::Http1(_));
     match backend.state.try_request(&backend.breaker, http1) {
         Ok(slot) => done.backend_slot = Some(slot),

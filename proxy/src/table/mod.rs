@@ -397,7 +397,7 @@ impl Backend {
 
     #[cold]
     fn pick_available(&self, first: usize, hash: Option<u64>) -> usize {
-        let now = crate::endpoint::clock_ns();
+        let now = crate::clock::clock_ns();
         let ok = |i: usize| self.endpoints[i].state.health.available(now);
         if ok(first) {
             return first;
@@ -428,12 +428,11 @@ impl Backend {
         let Some(cfg) = &self.outlier else {
             return;
         };
-        let Some(change) = ep.state.health.record(
-            outcome,
-            cfg,
-            self.endpoints.len(),
-            crate::endpoint::clock_ns,
-        ) else {
+        let Some(change) =
+            ep.state
+                .health
+                .record(outcome, cfg, self.endpoints.len(), crate::clock::clock_ns)
+        else {
             return;
         };
         let labels = [("backend", self.name.to_string())];
