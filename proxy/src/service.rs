@@ -165,6 +165,8 @@ fn proxy(
     ids: &mut Option<(HeaderValue, TraceContext)>,
 ) -> Started<impl Future<Output = Response<ObservedBody>> + Send> {
     let start = cx.activity.arrival();
+    #[cfg(test)]
+    tests::panic_if_asked(&req, "route");
     let mut bad_path = false;
     if let Some(path) = normalize_path(req.uri().path()) {
         match with_path(req.uri(), &path) {
@@ -343,6 +345,8 @@ async fn forward(
     mut done: Box<Completion>,
 ) -> Response<ObservedBody> {
     let version = req.version();
+    #[cfg(test)]
+    tests::panic_if_asked(&req, "forward");
     let Some(backend) = backend else {
         let reason = format!("route {:?} has no backend", route.name);
         return finish_error(ProxyError::NoEndpoints(reason), version, done);
@@ -1093,6 +1097,70 @@ pub fn rewrite_prefix(pq: &PathAndQuery, from: &str, to: &str) -> Option<PathAnd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Panics where a request asks it to (`x-test-panic: route` in the part of the request path
+    /// that runs in the handler call, `forward` in the forwarding future), so the tests can
+    /// check that a panic costs only its request.
+    pub(super) fn panic_if_asked<B>(req: &Request<B>, stage: &str) {
+        if req
+            .headers()
+            .get("x-test-panic")
+            .is_some_and(|v| v == stage)
+        {
+            panic!("a test asked for a panic in {stage}");
+        }
+    }
+
+    /// Sends one HTTP/1.1 request on a new connection; returns the response as text (read until
+    /// the server closes, or at most 5 s).
+    async fn exchange(addr: SocketAddr, extra: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n{extra}\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out))
+            .await
+            .expect("the server answers and closes")
+            .unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_either_part_of_the_request_path_costs_only_its_request() {
+        // One forwarding route to an address where nothing listens (the discard port).
+        let spec: crate::table::spec::Spec = serde_json::from_str(
+            r#"{"listeners": [{"name": "web", "address": "127.0.0.1:0",
+                               "routes": [{"forward": {"backend": "b"}}]}],
+                "backends": [{"name": "b", "endpoints": ["127.0.0.1:9"]}]}"#,
+        )
+        .unwrap();
+        // Live registries, as the running proxy has (a dry-run table is not for serving).
+        let registries = crate::table::compile::Registries::default();
+        let table =
+            crate::table::compile::compile(Arc::new(spec), "test", 1, Some(&registries)).unwrap();
+        let handle = TableHandle::default();
+        handle.publish(table);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cx = crate::listener::ListenerContext {
+            name: "web".into(),
+            table: handle,
+            limits: crate::table::spec::LimitsSpec::default(),
+        };
+        tokio::spawn(crate::listener::serve(listener, cx, std::future::pending()));
+
+        for stage in ["route", "forward"] {
+            let resp = exchange(addr, &format!("x-test-panic: {stage}\r\n")).await;
+            assert!(resp.starts_with("HTTP/1.1 500"), "{stage}: {resp}");
+            assert!(resp.contains("x-strait-error: internal"), "{stage}: {resp}");
+        }
+        // The listener still serves: the next request reaches the forwarding, which finds
+        // nothing listening.
+        let resp = exchange(addr, "").await;
+        assert!(resp.starts_with("HTTP/1.1 502"), "{resp}");
+    }
 
     #[test]
     fn host_and_port_split() {
