@@ -464,8 +464,9 @@ async fn forward(
         let ep = &backend.endpoints[i];
         done.upstream = Some(ep.addr);
         // The first attempt starts when the request arrived, as far as the endpoint's
-        // latency and the pool's idle times can tell (a clock read fewer); a retry reads it.
-        let now = if retries == 0 {
+        // latency and the pool's idle times can tell (a clock read fewer), unless its body was
+        // read first to be kept for retries; a retry reads the clock.
+        let now = if retries == 0 && !sendable.replays() {
             clock_ns_at(done.start)
         } else {
             clock_ns()
