@@ -210,7 +210,7 @@ impl Completion {
 pub struct ObservedBody {
     inner: ProxyBody,
     /// Boxed: a response is moved through every layer of the request path on its way
-    /// to hyper, and a boxed completion keeps it a quarter of the size.
+    /// to hyper, and a boxed completion keeps it 264 bytes instead of 656.
     done: Option<Box<Completion>>,
     request: Option<InRequest>,
 }
