@@ -8,6 +8,7 @@ pub mod balancer;
 pub mod body;
 pub mod breaker;
 pub(crate) mod clock;
+pub(crate) mod drain;
 pub mod endpoint;
 pub mod error;
 pub mod h1_client;

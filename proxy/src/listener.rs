@@ -13,12 +13,12 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::{Instant, Sleep};
 
+use crate::drain::{Drain, Watcher};
 use crate::service::{handle, ConnContext};
 use crate::table::spec::LimitsSpec;
 use crate::table::TableHandle;
@@ -160,7 +160,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
     let acceptor = Acceptor::new(listener, &cx.name, limits.max_connections);
-    let graceful = GracefulShutdown::new();
+    let drain = Drain::default();
 
     tokio::pin!(shutdown);
     loop {
@@ -180,7 +180,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
             activity: Arc::default(),
         };
         // The drain waits for this watcher: a connection still in its TLS handshake counts.
-        let watcher = graceful.watcher();
+        let watcher = drain.watcher();
         let builder = Arc::clone(&builder);
         let idle = limits.idle_timeout;
         // The request-head limit also bounds the TLS handshake.
@@ -243,16 +243,16 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
     drop(acceptor);
     tracing::info!(
         listener = &*cx.name,
-        open = graceful.count(),
+        open = drain.count(),
         "draining connections"
     );
-    graceful.shutdown().await;
+    drain.shutdown().await;
 }
 
 /// Serves HTTP/1.1 and HTTP/2 on one connection (plain or decrypted) until it ends.
 async fn serve_one<I>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    watcher: Watcher,
     io: I,
     cx: ConnContext,
 ) where
