@@ -207,9 +207,13 @@ mod tests {
         // A connection still in its handshake: counted, never served.
         let handshake = drain.watcher();
         // Every connection has been polled once and is now idle (Pending, not woken).
-        while polls.load(Ordering::Relaxed) < 3 {
-            tokio::task::yield_now().await;
-        }
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while polls.load(Ordering::Relaxed) < 3 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("each spawned connection is polled");
         assert_eq!(drain.count(), 4);
         assert_eq!(drain.shared.wakers().len(), 3);
 
