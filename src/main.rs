@@ -4,8 +4,10 @@
 
 mod sidecar;
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,10 +19,12 @@ use strait_control::kubernetes::{self, leader, status::PublishSource};
 use strait_control::publisher::Publisher;
 use strait_control::source::file;
 use strait_proxy::admin::{serve_admin, Admin};
-use strait_proxy::listener::{bind, serve, BindError, ListenerContext};
+use strait_proxy::listener::{bind, bind_for_worker, serve, BindError, ListenerContext};
 use strait_proxy::table::spec::{ListenerProtocol, Spec};
 use strait_proxy::table::TableHandle;
 use strait_proxy::tcp::serve_tcp;
+use strait_proxy::workers::{WorkerHandles, Workers};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 mod otel;
@@ -201,26 +205,44 @@ fn main() -> ExitCode {
         }
     };
 
-    // One worker needs no work stealing: the current-thread scheduler does the same job with
-    // less bookkeeping per task wake-up.
-    let mut runtime = match cli.worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    runtime.enable_all();
-    let runtime = match runtime.build() {
+    // Traffic runs on one single-threaded runtime per worker (strait_proxy::workers): with
+    // one worker, this thread's runtime serves everything; with more, it keeps the control
+    // plane, admin and signals, and the workers serve the listeners.
+    let threads = cli
+        .worker_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .max(1);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("strait: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(run(cli, mode))
+    // Started before any table exists: per-worker state is sized by the worker count.
+    let workers = if threads > 1 {
+        match Workers::start(threads) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                eprintln!("strait: cannot start {threads} worker threads: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let code = runtime.block_on(run(
+        cli,
+        mode,
+        workers.as_ref().map(Workers::handles).cloned(),
+    ));
+    if let Some(w) = workers {
+        w.stop();
+    }
+    code
 }
 
 fn validate(path: &Path) -> ExitCode {
@@ -416,7 +438,7 @@ fn pod_namespace() -> String {
 /// Longest the exit waits for the Kubernetes source to release its Lease after the drain.
 const LEASE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
-async fn run(cli: Cli, mode: Mode) -> ExitCode {
+async fn run(cli: Cli, mode: Mode, workers: Option<WorkerHandles>) -> ExitCode {
     let prometheus = install_metrics();
     let handle = TableHandle::default();
     let mut publisher = Publisher::new(handle.clone());
@@ -460,6 +482,7 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
                 fixed,
                 spec.limits.clone(),
                 stop_watch,
+                workers.clone(),
             ));
             let client = match kube_client().await {
                 Ok(c) => c,
@@ -541,36 +564,25 @@ async fn run(cli: Cli, mode: Mode) -> ExitCode {
     let mut servers = tokio::task::JoinSet::new();
     for (l, sock) in spec.listeners.iter().zip(bound) {
         let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
-        tracing::info!(listener = %l.name, address = %local, protocol = ?l.protocol, "listening");
-        let cx = ListenerContext {
-            name: l.name.as_str().into(),
-            table: handle.clone(),
-            limits: spec.limits.clone(),
-        };
-        // Bound now, so clients queue in the backlog rather than being refused; served once
-        // a table is in force (in Kubernetes mode, after every watch has listed).
-        let first = {
-            let (table, stop) = (handle.clone(), stopped());
+        let cx = ListenerContext::new(l.name.as_str().into(), handle.clone(), spec.limits.clone());
+        let (protocol, handle, stopped) = (l.protocol, handle.clone(), stopped.clone());
+        let serving = serve_on(workers.as_ref(), sock, &l.name, move |sock| {
+            // Bound now, so clients queue in the backlog rather than being refused; served
+            // once a table is in force (in Kubernetes mode, after every watch has listed).
+            let (cx, table, stop, first_stop) = (cx.clone(), handle.clone(), stopped(), stopped());
             async move {
-                tokio::select! {
+                let first = tokio::select! {
                     () = table.first_published() => true,
-                    () = stop => false,
+                    () = first_stop => false,
+                };
+                if first {
+                    serve_protocol(protocol, sock, cx, stop).await;
                 }
             }
-        };
-        let stop = stopped();
-        match l.protocol {
-            ListenerProtocol::Http | ListenerProtocol::Https => servers.spawn(async move {
-                if first.await {
-                    serve(sock, cx, stop).await;
-                }
-            }),
-            ListenerProtocol::Tcp => servers.spawn(async move {
-                if first.await {
-                    serve_tcp(sock, cx, stop).await;
-                }
-            }),
-        };
+        });
+        // Logged once the workers' sockets are bound: tests and scripts connect on this line.
+        tracing::info!(listener = %l.name, address = %local, protocol = ?l.protocol, "listening");
+        servers.spawn(serving);
     }
     let admin = Arc::new(Admin::new(handle.clone(), prometheus.clone()));
     let admin_local = admin_sock
@@ -638,6 +650,7 @@ async fn follow_listeners(
     fixed: std::collections::HashSet<String>,
     limits: strait_proxy::table::spec::LimitsSpec,
     mut stop: watch::Receiver<bool>,
+    workers: Option<WorkerHandles>,
 ) {
     let mut tables = handle.subscribe();
     let mut running: std::collections::HashMap<String, (String, watch::Sender<bool>)> =
@@ -682,27 +695,76 @@ async fn follow_listeners(
                 }
             };
             let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            let (tx, own) = watch::channel(false);
+            let global = stop.clone();
+            let cx = ListenerContext::new(l.name.as_str().into(), handle.clone(), limits.clone());
+            let protocol = l.protocol;
+            let serving = serve_on(workers.as_ref(), sock, &l.name, move |sock| {
+                let (mut own, mut global) = (own.clone(), global.clone());
+                let shutdown = async move {
+                    tokio::select! {
+                        _ = own.wait_for(|s| *s) => {}
+                        _ = global.wait_for(|s| *s) => {}
+                    }
+                };
+                serve_protocol(protocol, sock, cx.clone(), shutdown)
+            });
             tracing::info!(listener = %l.name, address = %local, protocol = ?l.protocol, "listening");
-            let (tx, mut own) = watch::channel(false);
-            let mut global = stop.clone();
-            let shutdown = async move {
-                tokio::select! {
-                    _ = own.wait_for(|s| *s) => {}
-                    _ = global.wait_for(|s| *s) => {}
-                }
-            };
-            let cx = ListenerContext {
-                name: l.name.as_str().into(),
-                table: handle.clone(),
-                limits: limits.clone(),
-            };
-            match l.protocol {
-                ListenerProtocol::Tcp => tokio::spawn(serve_tcp(sock, cx, shutdown)),
-                _ => tokio::spawn(serve(sock, cx, shutdown)),
-            };
+            tokio::spawn(serving);
             running.insert(l.name.clone(), (l.address.clone(), tx));
         }
     }
+}
+
+/// Serves a listener of `protocol` on `sock` until `shutdown` resolves.
+async fn serve_protocol(
+    protocol: ListenerProtocol,
+    sock: TcpListener,
+    cx: ListenerContext,
+    shutdown: impl Future<Output = ()>,
+) {
+    match protocol {
+        ListenerProtocol::Http | ListenerProtocol::Https => serve(sock, cx, shutdown).await,
+        ListenerProtocol::Tcp => serve_tcp(sock, cx, shutdown).await,
+    }
+}
+
+/// The task that serves a bound listener with `serve(socket)`: on every worker, each on a
+/// socket of its own bound to the same address (the kernel hands each new connection to one
+/// of them), or, with no workers, on this runtime. Resolves once every worker has stopped.
+fn serve_on<F, Fut>(
+    workers: Option<&WorkerHandles>,
+    sock: TcpListener,
+    name: &str,
+    mut serve: F,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    F: FnMut(TcpListener) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let Some(workers) = workers else {
+        return Box::pin(serve(sock));
+    };
+    let addr = match sock.local_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(listener = name, error = %e, "cannot hand the listener to the workers");
+            return Box::pin(std::future::ready(()));
+        }
+    };
+    // Bound without SO_REUSEPORT, this socket showed that nothing else holds the address;
+    // the workers' own sockets take its place (a port 0 stays the port it was given).
+    drop(sock);
+    Box::pin(workers.spawn_each(|i| {
+        // In worker i's context: the socket is registered with its runtime.
+        match bind_for_worker(addr) {
+            Ok(own) => Box::pin(serve(own)) as Pin<Box<dyn Future<Output = ()> + Send>>,
+            Err(e) => {
+                tracing::error!(listener = name, worker = i, %addr, error = %e, "worker cannot listen");
+                Box::pin(std::future::ready(()))
+            }
+        }
+    }))
 }
 
 /// Binds every listener (in configuration order) and the admin address before anything

@@ -31,3 +31,4 @@ pub mod tls;
 pub mod trace;
 pub mod upstream;
 pub mod upstream_tls;
+pub mod workers;

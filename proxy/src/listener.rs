@@ -32,9 +32,23 @@ pub struct ListenerContext {
     pub table: TableHandle,
     /// Downstream limits.
     pub limits: LimitsSpec,
+    /// The listener's connection places (`max_connections`), shared by every worker that
+    /// serves it.
+    pub(crate) connections: Arc<Semaphore>,
 }
 
 impl ListenerContext {
+    /// The context of listener `name`, with `limits.max_connections` places for connections
+    /// whichever worker accepts them.
+    pub fn new(name: Arc<str>, table: TableHandle, limits: LimitsSpec) -> Self {
+        Self {
+            connections: Arc::new(Semaphore::new(limits.max_connections)),
+            name,
+            table,
+            limits,
+        }
+    }
+
     /// This listener's index in every table generation (listeners cannot change on reload).
     pub(crate) fn index(&self) -> Option<usize> {
         let guard = self.table.load();
@@ -73,15 +87,21 @@ impl Drop for ConnSlot {
 }
 
 impl Acceptor {
-    pub(crate) fn new(listener: TcpListener, name: &Arc<str>, max: usize) -> Self {
+    /// Accepts on `listener` for the listener of `cx`, within its connection places.
+    pub(crate) fn new(listener: TcpListener, cx: &ListenerContext) -> Self {
+        let name = &cx.name;
         let labels = [("listener", name.to_string())];
         Self {
             listener,
-            permits: Arc::new(Semaphore::new(max)),
-            max,
+            permits: Arc::clone(&cx.connections),
+            max: cx.limits.max_connections,
             name: Arc::clone(name),
             active: metrics::gauge!(crate::metrics::DOWNSTREAM_CONNECTIONS, &labels),
-            accepted: metrics::counter!(crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL, &labels),
+            accepted: metrics::counter!(
+                crate::metrics::DOWNSTREAM_CONNECTIONS_TOTAL,
+                "listener" => name.to_string(),
+                "worker" => crate::workers::current().to_string()
+            ),
         }
     }
 
@@ -159,7 +179,7 @@ pub async fn serve(listener: TcpListener, cx: ListenerContext, shutdown: impl Fu
         .max_concurrent_streams(limits.max_concurrent_streams)
         .max_header_list_size(u32::try_from(limits.max_request_header_bytes).unwrap_or(u32::MAX));
     let builder = Arc::new(builder);
-    let acceptor = Acceptor::new(listener, &cx.name, limits.max_connections);
+    let acceptor = Acceptor::new(listener, &cx);
     let drain = Drain::default();
 
     tokio::pin!(shutdown);
@@ -316,6 +336,28 @@ pub async fn bind(addr: &str) -> Result<TcpListener, BindError> {
         address: addr.to_owned(),
         source,
     })
+}
+
+/// Backlog of each worker's listening socket: the standard library's (and so tokio's `bind`).
+const WORKER_BACKLOG: u32 = 128;
+
+/// One worker's listening socket on `addr`, registered with the runtime of the calling
+/// context. Each worker binds its own with `SO_REUSEPORT`, and the kernel spreads new
+/// connections over them by a hash of the client's address and port, as Envoy and HAProxy give
+/// each worker thread its own socket. (With one socket shared by all workers, the worker woken
+/// first takes most connections: 24% against 76% of the work in one run on two workers.)
+/// Bind `addr` once without `SO_REUSEPORT` first ([`bind`]) and close it: that fails if
+/// anything else, another Strait included, holds the address.
+pub fn bind_for_worker(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(WORKER_BACKLOG)
 }
 
 /// A listener address could not be bound.

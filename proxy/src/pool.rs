@@ -7,9 +7,12 @@
 //! dropped early drops the connection, since it cannot carry another request before the rest
 //! of the response is read.
 //!
-//! The idle list is a lock-free queue. An idle connection has no task: the server closing
-//! it is noticed when it is next taken (tokio has marked the socket readable), and a
-//! per-endpoint reaper closes connections idle for longer than `idle_timeout`.
+//! The idle list is a lock-free queue, one per worker thread ([`crate::workers`]): a
+//! connection's socket is registered with the runtime of the worker that opened it, and a
+//! request on another worker would have that runtime wake it for every read. An idle
+//! connection has no task: the server closing it is noticed when it is next taken (tokio has
+//! marked the socket readable), and a per-endpoint reaper closes connections idle for longer
+//! than `idle_timeout`.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
@@ -64,12 +67,16 @@ impl Http1Settings {
     }
 }
 
+/// One worker's idle connections to an endpoint.
+type IdleList = ArcSwapOption<ArrayQueue<Box<Conn>>>;
+
 /// The idle HTTP/1.1 connections of one endpoint.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Http1Pool {
-    /// Made on the first hand-back (most endpoints of a large cluster never get a request
-    /// through a given replica), and made again when `max_idle` changes.
-    idle: ArcSwapOption<ArrayQueue<Box<Conn>>>,
+    /// One list per worker. Each is made on its first hand-back (most endpoints of a large
+    /// cluster never get a request through a given replica), and made again when `max_idle`
+    /// changes.
+    idle: Box<[IdleList]>,
     /// Requests waiting for a connection slot of the backend (`max_connections` reached),
     /// which a connection handed back here serves as well.
     waiting: AtomicUsize,
@@ -77,6 +84,19 @@ pub struct Http1Pool {
     released: Notify,
     /// Whether a reaper task is watching the idle list.
     reaping: AtomicBool,
+}
+
+impl Default for Http1Pool {
+    fn default() -> Self {
+        Self {
+            idle: (0..crate::workers::count())
+                .map(|_| IdleList::default())
+                .collect(),
+            waiting: AtomicUsize::new(0),
+            released: Notify::new(),
+            reaping: AtomicBool::new(false),
+        }
+    }
 }
 
 /// Where a response's connection goes back to, and how it is kept there.
@@ -98,7 +118,8 @@ impl Home {
         conn.trim();
         conn.idle_since = clock_ns();
         // A full list drops the connection, which closes it.
-        let current = pool.idle.load();
+        let list = pool.own();
+        let current = list.load();
         let pushed = match current.as_deref() {
             Some(q) if q.capacity() == self.max_idle => q.push(conn).is_ok(),
             // First hand-back, or `max_idle` changed: a new list (the old one's connections
@@ -106,7 +127,7 @@ impl Home {
             _ => {
                 let q = ArrayQueue::new(self.max_idle);
                 let pushed = q.push(conn).is_ok();
-                pool.idle.store(Some(Arc::new(q)));
+                list.store(Some(Arc::new(q)));
                 pushed
             }
         };
@@ -139,9 +160,9 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
             let pool = &ep.http1;
             let now = clock_ns();
             let mut soonest = None;
-            if let Some(q) = pool.idle.load_full() {
-                // Every connection is looked at once; a request may miss one meanwhile and
-                // open another, which is harmless and rare (a few times per timeout).
+            // Every connection is looked at once; a request may miss one meanwhile and open
+            // another, which is harmless and rare (a few times per timeout).
+            for q in pool.idle.iter().filter_map(ArcSwapOption::load_full) {
                 for _ in 0..q.len() {
                     let Some(conn) = q.pop() else { break };
                     let due = conn.idle_since.saturating_add(timeout_ns);
@@ -159,7 +180,10 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
                     pool.reaping.store(false, Ordering::Release);
                     // A hand-back between the last look and the flag's reset found the flag
                     // set and started no reaper: look again.
-                    let empty = pool.idle.load().as_deref().is_none_or(ArrayQueue::is_empty);
+                    let empty = pool
+                        .idle
+                        .iter()
+                        .all(|l| l.load().as_deref().is_none_or(ArrayQueue::is_empty));
                     if empty || pool.reaping.swap(true, Ordering::AcqRel) {
                         return;
                     }
@@ -172,15 +196,44 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
 }
 
 impl Http1Pool {
-    /// An idle connection made with `tls`, still open, and how long it was idle at `now`
-    /// (`clock_ns()`).
+    /// This worker's idle list.
+    fn own(&self) -> &IdleList {
+        &self.idle[crate::workers::current() % self.idle.len()]
+    }
+
+    /// An idle connection of this worker made with `tls`, still open, and how long it was
+    /// idle at `now` (`clock_ns()`).
     fn checkout(
         &self,
         tls: u64,
         idle_timeout: Duration,
         now: u64,
     ) -> Option<(Box<Conn>, Duration)> {
-        let q = self.idle.load();
+        Self::checkout_from(self.own(), tls, idle_timeout, now)
+    }
+
+    /// As [`Http1Pool::checkout`], from any worker's list, this worker's first: for a request
+    /// that would otherwise wait for a connection slot of its backend.
+    fn checkout_any(
+        &self,
+        tls: u64,
+        idle_timeout: Duration,
+        now: u64,
+    ) -> Option<(Box<Conn>, Duration)> {
+        self.checkout(tls, idle_timeout, now).or_else(|| {
+            self.idle
+                .iter()
+                .find_map(|l| Self::checkout_from(l, tls, idle_timeout, now))
+        })
+    }
+
+    fn checkout_from(
+        list: &IdleList,
+        tls: u64,
+        idle_timeout: Duration,
+        now: u64,
+    ) -> Option<(Box<Conn>, Duration)> {
+        let q = list.load();
         let q = q.as_deref()?;
         for _ in 0..MAX_STALE_POPS {
             let mut conn = q.pop()?;
@@ -214,7 +267,7 @@ impl Http1Pool {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            if let Some(idle) = self.checkout(tls, settings.idle_timeout, clock_ns()) {
+            if let Some(idle) = self.checkout_any(tls, settings.idle_timeout, clock_ns()) {
                 return Ok(Acquired::Idle(idle));
             }
             tokio::select! {

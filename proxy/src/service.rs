@@ -1148,11 +1148,11 @@ mod tests {
         handle.publish(table);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let cx = crate::listener::ListenerContext {
-            name: "web".into(),
-            table: handle,
-            limits: crate::table::spec::LimitsSpec::default(),
-        };
+        let cx = crate::listener::ListenerContext::new(
+            "web".into(),
+            handle,
+            crate::table::spec::LimitsSpec::default(),
+        );
         tokio::spawn(crate::listener::serve(listener, cx, std::future::pending()));
 
         for stage in ["route", "forward"] {

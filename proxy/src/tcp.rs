@@ -30,7 +30,7 @@ pub async fn serve_tcp(
     let Some(index) = cx.index() else {
         return;
     };
-    let acceptor = Acceptor::new(listener, &cx.name, cx.limits.max_connections);
+    let acceptor = Acceptor::new(listener, &cx);
     tokio::pin!(shutdown);
     loop {
         let (stream, client, slot) = tokio::select! {

@@ -278,11 +278,11 @@ impl TestProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, rx) = watch::channel(false);
-        let cx = ListenerContext {
-            name: spec.listeners[0].name.as_str().into(),
-            table: handle.clone(),
-            limits: spec.limits.clone(),
-        };
+        let cx = ListenerContext::new(
+            spec.listeners[0].name.as_str().into(),
+            handle.clone(),
+            spec.limits.clone(),
+        );
         let served = tokio::spawn(serve(listener, cx, async move {
             let mut rx = rx;
             let _ = rx.wait_for(|s| *s).await;
