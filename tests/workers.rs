@@ -1,7 +1,7 @@
 //! Worker threads (`--worker-threads N`, here 2 as every test binary runs): each worker
 //! serves every listener on a socket of its own, the kernel spreads new connections over
-//! them, each worker keeps its own idle upstream connections, and a second process cannot
-//! share a listener's address.
+//! them, each worker keeps its own idle upstream connections (and borrows another's rather
+//! than wait for a connection slot), and a second process cannot share a listener's address.
 
 mod support;
 
@@ -114,6 +114,40 @@ async fn connections_spread_over_the_workers_and_each_keeps_its_own_upstream_con
         2,
         "one upstream connection per worker, reused for all its requests"
     );
+}
+
+#[tokio::test]
+async fn with_one_connection_allowed_every_worker_borrows_the_one_idle_connection() {
+    // `max_connections: 1`: a worker with no idle connection of its own cannot open one, so it
+    // must take the other worker's instead of waiting out `connect_timeout` (then 503).
+    let (upstream, opened) = counting_upstream().await;
+    let dir = tempdir::Dir::new("workers-borrow");
+    let cfg = dir.path().join("strait.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: app}}\n\
+             backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n    connect_timeout: 3s\n\
+             \x20   circuit_breaker: {{max_connections: 1}}\n"
+        ),
+    )
+    .unwrap();
+    let strait = Binary::start(&cfg).await;
+    strait.wait_ready().await;
+    let addr = strait.listeners[0].1;
+    // 40 connections: both workers get some (all on one has a chance of 2 in 2^40).
+    for i in 0..40 {
+        let answer = one_request(addr).await;
+        // Not the 503 of a request that waited for a connection slot that never came free.
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+    }
+    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
+    let per_worker = accepted_per_worker(&metrics);
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|(_, n)| *n > 0),
+        "both workers served requests: {per_worker:?}"
+    );
+    assert_eq!(opened.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

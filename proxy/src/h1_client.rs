@@ -94,6 +94,9 @@ pub(crate) struct Conn {
     pub(crate) tls: u64,
     /// `clock_ns()` when it was last handed back.
     pub(crate) idle_since: u64,
+    /// The worker that opened it ([`crate::workers::current`]), whose runtime drives its
+    /// socket and timer: it goes back to that worker's idle list.
+    pub(crate) worker: usize,
     /// Wakes an exchange waiting past its deadline; see [`Conn::poll_deadline`].
     timer: Option<Pin<Box<Sleep>>>,
     _slot: ConnectionSlot,
@@ -107,6 +110,7 @@ impl Conn {
             wbuf: Vec::new(),
             tls,
             idle_since: 0,
+            worker: crate::workers::current(),
             timer: None,
             _slot: slot,
         })

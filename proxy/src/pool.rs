@@ -117,8 +117,9 @@ impl Home {
         let pool = &self.endpoint.http1;
         conn.trim();
         conn.idle_since = clock_ns();
-        // A full list drops the connection, which closes it.
-        let list = pool.own();
+        // A full list drops the connection, which closes it. The list of the worker that
+        // opened it, also when a request on another worker borrowed it (`checkout_any`).
+        let list = pool.list(conn.worker);
         let current = list.load();
         let pushed = match current.as_deref() {
             Some(q) if q.capacity() == self.max_idle => q.push(conn).is_ok(),
@@ -196,9 +197,9 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
 }
 
 impl Http1Pool {
-    /// This worker's idle list.
-    fn own(&self) -> &IdleList {
-        &self.idle[crate::workers::current() % self.idle.len()]
+    /// Worker `worker`'s idle list.
+    fn list(&self, worker: usize) -> &IdleList {
+        &self.idle[worker % self.idle.len()]
     }
 
     /// An idle connection of this worker made with `tls`, still open, and how long it was
@@ -209,7 +210,7 @@ impl Http1Pool {
         idle_timeout: Duration,
         now: u64,
     ) -> Option<(Box<Conn>, Duration)> {
-        Self::checkout_from(self.own(), tls, idle_timeout, now)
+        Self::checkout_from(self.list(crate::workers::current()), tls, idle_timeout, now)
     }
 
     /// As [`Http1Pool::checkout`], from any worker's list, this worker's first: for a request
