@@ -11,6 +11,8 @@
 # swapped every round, for REPS rounds of DUR seconds. Prints every round, the medians and
 # their ratio B / A. Knobs: REPS (5), DUR (10), CONNS (50); BIN_A and BIN_B run two different
 # builds (e.g. before and after a change to the request path), both default to the release build.
+# WORKERS=N (default 1) runs both with --worker-threads N and without CPU pinning, and wrk with two
+# threads, as the harness's unpinned mode (the backend stays on CPU 0).
 # Needs the release build, nginx and wrk (apt-get install -y nginx-light wrk).
 set -euo pipefail
 
@@ -22,6 +24,13 @@ admins=(19911 19912)
 REPS=${REPS:-5}
 DUR=${DUR:-10}
 CONNS=${CONNS:-50}
+WORKERS=${WORKERS:-1}
+[[ $WORKERS =~ ^[1-9][0-9]*$ ]] || { echo "WORKERS must be a positive integer" >&2; exit 2; }
+if [ "$WORKERS" = 1 ]; then
+  proxy_cpu=(taskset -c 1) gen_cpu=(taskset -c 0) gen_threads=1
+else
+  proxy_cpu=() gen_cpu=() gen_threads=2
+fi
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bin=$root/target/release/strait
 bins=("${BIN_A:-$bin}" "${BIN_B:-$bin}")
@@ -35,7 +44,7 @@ for b in "${bins[@]}"; do [ -x "$b" ] || die "build first: cargo build --release
 need nginx wrk curl
 start_backend
 for i in 0 1; do
-  taskset -c 1 "${bins[i]}" --config "${configs[i]}" --worker-threads 1 --log-level warn &
+  "${proxy_cpu[@]}" "${bins[i]}" --config "${configs[i]}" --worker-threads "$WORKERS" --log-level warn &
   pids+=($!)
 done
 
@@ -49,7 +58,7 @@ for r in $(seq "$REPS"); do
   order=(0 1)
   [ $((r % 2)) -eq 0 ] && order=(1 0)
   for i in "${order[@]}"; do
-    out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" "http://127.0.0.1:${ports[i]}/")
+    out=$("${gen_cpu[@]}" wrk -t"$gen_threads" -c"$CONNS" -d"${DUR}s" "http://127.0.0.1:${ports[i]}/")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$out")
     results[$i]+="$rps "
