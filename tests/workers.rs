@@ -75,22 +75,30 @@ fn accepted_per_worker(metrics: &str) -> Vec<(String, u64)> {
         .collect()
 }
 
+/// The binary, ready, with listener `web` forwarding everything to backend `app` at
+/// `upstream`; `backend` adds lines to the backend. Returns it and the listener's address.
+async fn forwarding_to(
+    dir: &tempdir::Dir,
+    upstream: SocketAddr,
+    backend: &str,
+) -> (Binary, SocketAddr) {
+    let cfg = dir.path().join("strait.yaml");
+    let yaml = format!(
+        "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: app}}\n\
+         backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n{backend}"
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let strait = Binary::start(&cfg).await;
+    strait.wait_ready().await;
+    let addr = strait.listeners[0].1;
+    (strait, addr)
+}
+
 #[tokio::test]
 async fn connections_spread_over_the_workers_and_each_keeps_its_own_upstream_connection() {
     let (upstream, opened) = counting_upstream().await;
     let dir = tempdir::Dir::new("workers");
-    let cfg = dir.path().join("strait.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: app}}\n\
-             backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n"
-        ),
-    )
-    .unwrap();
-    let strait = Binary::start(&cfg).await;
-    strait.wait_ready().await;
-    let addr = strait.listeners[0].1;
+    let (strait, addr) = forwarding_to(&dir, upstream, "").await;
 
     // One after another, each on a new client connection: a worker never needs a second
     // upstream connection, and never takes another worker's.
@@ -122,19 +130,8 @@ async fn with_one_connection_allowed_every_worker_borrows_the_one_idle_connectio
     // must take the other worker's instead of waiting out `connect_timeout` (then 503).
     let (upstream, opened) = counting_upstream().await;
     let dir = tempdir::Dir::new("workers-borrow");
-    let cfg = dir.path().join("strait.yaml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: app}}\n\
-             backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n    connect_timeout: 3s\n\
-             \x20   circuit_breaker: {{max_connections: 1}}\n"
-        ),
-    )
-    .unwrap();
-    let strait = Binary::start(&cfg).await;
-    strait.wait_ready().await;
-    let addr = strait.listeners[0].1;
+    let backend = "    connect_timeout: 3s\n    circuit_breaker: {max_connections: 1}\n";
+    let (strait, addr) = forwarding_to(&dir, upstream, backend).await;
     // 40 connections: both workers get some (all on one has a chance of 2 in 2^40).
     for i in 0..40 {
         let answer = one_request(addr).await;
