@@ -3,8 +3,9 @@
 //! As nginx's worker processes and Envoy's worker threads: a connection lives on the worker
 //! that accepted it, and so do the upstream connections its requests open (each worker keeps
 //! its own idle lists, [`crate::pool`]), so a request never waits for another thread and no
-//! thread wakes another. The work-stealing scheduler costs about 1.5 us more per keep-alive
-//! request on two cores (docs/performance.md, "Workers").
+//! thread wakes another. tokio's work-stealing scheduler, used before, cost 1.5 to 2 us more
+//! per keep-alive request on two cores (docs/performance.md, "Worker threads instead of the
+//! work-stealing scheduler").
 
 use std::cell::Cell;
 use std::future::Future;
@@ -98,8 +99,8 @@ impl Workers {
 
 impl WorkerHandles {
     /// Runs `make(i)` on every worker `i`, and returns a future that resolves once all of
-    /// them have. `make` itself runs in worker `i`'s runtime context, so sockets it registers
-    /// (`TcpListener::from_std`) belong to that worker.
+    /// them have. `make` itself runs in worker `i`'s runtime context, so a socket it binds
+    /// ([`crate::listener::bind_for_worker`]) belongs to that worker.
     pub fn spawn_each<F, Fut>(&self, mut make: F) -> impl Future<Output = ()> + Send + 'static
     where
         F: FnMut(usize) -> Fut,
