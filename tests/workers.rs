@@ -76,16 +76,17 @@ fn accepted_per_worker(metrics: &str) -> Vec<(String, u64)> {
 }
 
 /// The binary, ready, with listener `web` forwarding everything to backend `app` at
-/// `upstream`; `backend` adds lines to the backend. Returns it and the listener's address.
+/// `upstream`; `extra` ends the file (lines of the backend, or top-level keys). Returns it and
+/// the listener's address.
 async fn forwarding_to(
     dir: &tempdir::Dir,
     upstream: SocketAddr,
-    backend: &str,
+    extra: &str,
 ) -> (Binary, SocketAddr) {
     let cfg = dir.path().join("strait.yaml");
     let yaml = format!(
         "listeners:\n  - name: web\n    address: 127.0.0.1:0\n    routes:\n      - forward: {{backend: app}}\n\
-         backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n{backend}"
+         backends:\n  - name: app\n    endpoints: [\"{upstream}\"]\n{extra}"
     );
     std::fs::write(&cfg, yaml).unwrap();
     let strait = Binary::start(&cfg).await;
@@ -145,6 +146,26 @@ async fn with_one_connection_allowed_every_worker_borrows_the_one_idle_connectio
         "both workers served requests: {per_worker:?}"
     );
     assert_eq!(opened.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_listener_limit_of_one_serves_new_connections_on_every_worker() {
+    // One place for the whole listener: an idle worker must not hold it while a connection
+    // waits on the other worker's socket.
+    let (upstream, _) = counting_upstream().await;
+    let dir = tempdir::Dir::new("workers-limit");
+    let (strait, addr) = forwarding_to(&dir, upstream, "limits: {max_connections: 1}\n").await;
+    for i in 0..20 {
+        // `one_request` gives each 5 s; about half of them would wait for ever otherwise.
+        let answer = one_request(addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+    }
+    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
+    let per_worker = accepted_per_worker(&metrics);
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|(_, n)| *n > 0),
+        "both workers accepted: {per_worker:?}"
+    );
 }
 
 #[tokio::test]

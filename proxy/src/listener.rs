@@ -105,16 +105,20 @@ impl Acceptor {
         }
     }
 
-    /// The next connection, once a connection slot is free. Accept errors (out of file
-    /// descriptors and similar) are logged and retried after a pause instead of spinning.
+    /// The next connection, with its place under the listener's limit. A connection accepted
+    /// while every place is taken waits here for one, and meanwhile this worker accepts no
+    /// other: the rest wait in the kernel's backlog. (Taking the place before accepting would
+    /// let a worker with nothing to accept hold a place that a connection waiting on another
+    /// worker's socket needs.) Accept errors (out of file descriptors and similar) are logged
+    /// and retried after a pause instead of spinning.
     pub(crate) async fn next(&self) -> (TcpStream, SocketAddr, ConnSlot) {
-        let permit = Arc::clone(&self.permits)
-            .acquire_owned()
-            .await
-            .expect("the semaphore is never closed");
         loop {
             match self.listener.accept().await {
                 Ok((stream, client)) => {
+                    let permit = Arc::clone(&self.permits)
+                        .acquire_owned()
+                        .await
+                        .expect("the semaphore is never closed");
                     let _ = stream.set_nodelay(true);
                     self.accepted.increment(1);
                     self.active.increment(1.0);
