@@ -95,29 +95,32 @@ async fn forwarding_to(
     (strait, addr)
 }
 
+/// `n` requests one after another, each on a new client connection, each answered 200 "ok"
+/// within 5 s; the workers must have accepted `n` connections in all, spread over both (by a
+/// hash of the client's port: all on one has a chance of 2 in 2^n).
+async fn requests_on_new_connections(strait: &Binary, addr: SocketAddr, n: u64) {
+    for i in 0..n {
+        let answer = one_request(addr).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
+        assert!(answer.ends_with("ok"), "request {i}: {answer}");
+    }
+    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
+    let per_worker = accepted_per_worker(&metrics);
+    let total: u64 = per_worker.iter().map(|(_, n)| n).sum();
+    assert_eq!(total, n, "{per_worker:?}");
+    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
+    assert!(per_worker.iter().all(|(_, n)| *n > 0), "{per_worker:?}");
+}
+
 #[tokio::test]
 async fn connections_spread_over_the_workers_and_each_keeps_its_own_upstream_connection() {
     let (upstream, opened) = counting_upstream().await;
     let dir = tempdir::Dir::new("workers");
     let (strait, addr) = forwarding_to(&dir, upstream, "").await;
 
-    // One after another, each on a new client connection: a worker never needs a second
-    // upstream connection, and never takes another worker's.
-    const CONNECTIONS: u64 = 40;
-    for i in 0..CONNECTIONS {
-        let answer = one_request(addr).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
-        assert!(answer.ends_with("ok"), "request {i}: {answer}");
-    }
-
-    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
-    let per_worker = accepted_per_worker(&metrics);
-    let total: u64 = per_worker.iter().map(|(_, n)| n).sum();
-    assert_eq!(total, CONNECTIONS, "{per_worker:?}");
-    // Spread by a hash of the client's port: all 40 on one of two workers has a chance of
-    // 2 in 2^40.
-    assert_eq!(per_worker.len(), 2, "{per_worker:?}");
-    assert!(per_worker.iter().all(|(_, n)| *n > 0), "{per_worker:?}");
+    // One after another: a worker never needs a second upstream connection, and never takes
+    // another worker's.
+    requests_on_new_connections(&strait, addr, 40).await;
     assert_eq!(
         opened.load(Ordering::SeqCst),
         2,
@@ -133,18 +136,9 @@ async fn with_one_connection_allowed_every_worker_borrows_the_one_idle_connectio
     let dir = tempdir::Dir::new("workers-borrow");
     let backend = "    connect_timeout: 3s\n    circuit_breaker: {max_connections: 1}\n";
     let (strait, addr) = forwarding_to(&dir, upstream, backend).await;
-    // 40 connections: both workers get some (all on one has a chance of 2 in 2^40).
-    for i in 0..40 {
-        let answer = one_request(addr).await;
-        // Not the 503 of a request that waited for a connection slot that never came free.
-        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
-    }
-    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
-    let per_worker = accepted_per_worker(&metrics);
-    assert!(
-        per_worker.len() == 2 && per_worker.iter().all(|(_, n)| *n > 0),
-        "both workers served requests: {per_worker:?}"
-    );
+    // Each answered 200, not the 503 of a request that waited for a connection slot that
+    // never came free.
+    requests_on_new_connections(&strait, addr, 40).await;
     assert_eq!(opened.load(Ordering::SeqCst), 1);
 }
 
@@ -155,17 +149,8 @@ async fn a_listener_limit_of_one_serves_new_connections_on_every_worker() {
     let (upstream, _) = counting_upstream().await;
     let dir = tempdir::Dir::new("workers-limit");
     let (strait, addr) = forwarding_to(&dir, upstream, "limits: {max_connections: 1}\n").await;
-    for i in 0..20 {
-        // `one_request` gives each 5 s; about half of them would wait for ever otherwise.
-        let answer = one_request(addr).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "request {i}: {answer}");
-    }
-    let metrics = get(&client(), &strait.admin_url("/metrics")).await.body;
-    let per_worker = accepted_per_worker(&metrics);
-    assert!(
-        per_worker.len() == 2 && per_worker.iter().all(|(_, n)| *n > 0),
-        "both workers accepted: {per_worker:?}"
-    );
+    // About half of them would wait for ever otherwise (here: past 5 s).
+    requests_on_new_connections(&strait, addr, 20).await;
 }
 
 #[tokio::test]
