@@ -197,9 +197,9 @@ async fn reap(endpoint: Weak<EndpointState>, idle_timeout: Duration) {
 }
 
 impl Http1Pool {
-    /// Worker `worker`'s idle list.
+    /// Worker `worker`'s idle list (the first, for a pool made before the workers started).
     fn list(&self, worker: usize) -> &IdleList {
-        &self.idle[worker % self.idle.len()]
+        self.idle.get(worker).unwrap_or(&self.idle[0])
     }
 
     /// An idle connection of this worker made with `tls`, still open, and how long it was
