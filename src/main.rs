@@ -435,6 +435,9 @@ fn pod_namespace() -> String {
         .unwrap_or_else(|| "default".into())
 }
 
+/// How soon a dynamic listener whose address could not be bound is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(1);
+
 /// Longest the exit waits for the Kubernetes source to release its Lease after the drain.
 const LEASE_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
@@ -658,14 +661,21 @@ async fn follow_listeners(
     // The table in force first, then every new one: a table published before this task
     // subscribed is not missed.
     tables.mark_changed();
+    // Listeners of the table in force whose address could not be bound: tried again after
+    // BIND_RETRY, not only with the next table (a port another Service gave up may still be
+    // held for a moment by its closing listener).
+    let mut unbound = std::collections::HashSet::new();
     loop {
         tokio::select! {
             r = tables.changed() => if r.is_err() { return },
             _ = stop.wait_for(|s| *s) => return,
+            () = tokio::time::sleep(BIND_RETRY), if !unbound.is_empty() => {}
         }
         let Some(table) = handle.current() else {
             continue;
         };
+        // Only listeners this table still wants are retried.
+        unbound.retain(|name: &String| table.spec.listeners.iter().any(|l| &l.name == name));
         let wanted: Vec<_> = table
             .spec
             .listeners
@@ -689,11 +699,14 @@ async fn follow_listeners(
             let sock = match bind(&l.address).await {
                 Ok(s) => s,
                 Err(e) => {
-                    // Retried with the next table; the rest keeps serving.
-                    tracing::error!(listener = %l.name, "{e}");
+                    // Retried shortly; the rest keeps serving. Logged as an error once.
+                    if unbound.insert(l.name.clone()) {
+                        tracing::error!(listener = %l.name, "{e}");
+                    }
                     continue;
                 }
             };
+            unbound.remove(&l.name);
             let local = sock.local_addr().map(|a| a.to_string()).unwrap_or_default();
             let (tx, own) = watch::channel(false);
             let global = stop.clone();

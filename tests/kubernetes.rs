@@ -856,11 +856,30 @@ async fn a_tcp_service_annotation_opens_a_port_that_relays_to_ready_pods() {
             .join("\n")
     );
 
-    // Without the annotation the port closes. apps/zz-copy gives up its claim to the port
-    // first: while it asks for it, the port passes to it once apps/db lets it go.
-    api.apply(k8s::service("apps", "zz-copy", &[("", 3306, "3306")]));
+    // Without the annotation apps/db lets the port go, and apps/zz-copy, which asked for it
+    // too, gets it: its listener answers (it has no pods, so each connection is closed at
+    // once and counted as `no_endpoints`). Its bind may come while apps/db's listener is still
+    // closing; it is tried again a second later.
     svc["metadata"]["annotations"] = json!({});
     api.apply(svc);
+    eventually(WAIT, "apps/zz-copy serves the port", || {
+        let (c, url, addr) = (
+            client(),
+            strait.admin_url("/metrics"),
+            format!("127.0.0.1:{port}"),
+        );
+        async move {
+            let _ = tokio::net::TcpStream::connect(addr).await;
+            support::get(&c, &url).await.body.lines().any(|l| {
+                l.starts_with("strait_tcp_connections_total{")
+                    && l.contains("listener=\"tcp-apps-zz-copy\"")
+                    && l.contains("result=\"no_endpoints\"")
+            })
+        }
+    })
+    .await;
+    // Once apps/zz-copy gives up its claim too, the port closes.
+    api.apply(k8s::service("apps", "zz-copy", &[("", 3306, "3306")]));
     eventually(WAIT, "the TCP port is closed", || {
         let addr = format!("127.0.0.1:{port}");
         async move { tokio::net::TcpStream::connect(addr).await.is_err() }
