@@ -167,12 +167,16 @@ async fn a_second_process_cannot_share_a_listeners_address() {
 
     let second = dir.path().join("second.yaml");
     std::fs::write(&second, config(&addr.to_string())).unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
+    // A second Strait that did bind would run until killed: bounded, and killed on drop.
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_strait"))
         .arg("--config")
         .arg(&second)
         .args(["--admin-addr", "127.0.0.1:0", "--worker-threads", "2"])
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), run)
         .await
+        .expect("the second Strait exits at once instead of serving the address")
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(69), "{stderr}");
