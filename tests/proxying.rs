@@ -629,3 +629,151 @@ async fn idle_connections_are_closed() {
     assert_eq!(n, 0, "connection closed, not answered");
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
+
+/// An HTTP/1.1 upstream that answers every request with `200 ok` and sends each request head
+/// it read, as text, to the channel.
+async fn head_recorder() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let _ = tx.send(String::from_utf8_lossy(&head).into_owned());
+                        if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// The values of the head's lines named `name`, in order.
+fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
+    head.split("\r\n")
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+        .collect()
+}
+
+#[tokio::test]
+async fn forwarding_and_trace_headers_reach_an_http1_upstream_once_whichever_way_they_are_written()
+{
+    // Strait writes these headers straight into the upstream head unless the client sent one
+    // of them or a route rule changes them; then they go through the header map. Either way
+    // the upstream must see each once, with the right value.
+    let (addr, mut heads) = head_recorder().await;
+    let proxy = TestProxy::start(&format!(
+        r#"
+access_log: {{enabled: false}}
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    routes:
+      - match: {{prefix: /rules}}
+        forward: {{backend: b}}
+        request_headers: {{set: {{x-forwarded-proto: https}}, remove: [x-forwarded-host]}}
+      - forward: {{backend: b}}
+backends:
+  - name: b
+    endpoints: ["{addr}"]
+"#
+    ))
+    .await;
+    let c = client();
+    let mut next = async |path: &str, extra: &[(&str, &str)]| {
+        let mut req = http::Request::get(proxy.url(path)).header("host", "shop.example.com");
+        for (n, v) in extra {
+            req = req.header(*n, *v);
+        }
+        let r = send(&c, req.body(http_body_util::Empty::new()).unwrap()).await;
+        assert_eq!(r.status, 200, "{path}");
+        tokio::time::timeout(Duration::from_secs(10), heads.recv())
+            .await
+            .expect("the upstream got the request")
+            .unwrap()
+    };
+
+    // Nothing from the client: Strait's own.
+    let head = next("/", &[]).await;
+    assert_eq!(
+        head_values(&head, "x-forwarded-for"),
+        ["127.0.0.1"],
+        "{head}"
+    );
+    assert_eq!(head_values(&head, "x-forwarded-proto"), ["http"], "{head}");
+    assert_eq!(
+        head_values(&head, "x-forwarded-host"),
+        ["shop.example.com"],
+        "{head}"
+    );
+    let tp = head_values(&head, "traceparent");
+    assert_eq!(tp.len(), 1, "{head}");
+    assert!(
+        tp[0].len() == 55 && tp[0].starts_with("00-") && tp[0].ends_with("-01"),
+        "{head}"
+    );
+    assert!(head.ends_with("\r\n\r\n") && !head.contains("\r\n\r\n\r\n"));
+
+    // The client's own: kept or continued, each still once.
+    let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let head = next(
+        "/",
+        &[
+            ("x-forwarded-host", "edge.example.com"),
+            ("x-forwarded-proto", "https"),
+            ("traceparent", parent),
+        ],
+    )
+    .await;
+    assert_eq!(
+        head_values(&head, "x-forwarded-for"),
+        ["127.0.0.1"],
+        "{head}"
+    );
+    assert_eq!(head_values(&head, "x-forwarded-proto"), ["http"], "{head}");
+    assert_eq!(
+        head_values(&head, "x-forwarded-host"),
+        ["edge.example.com"],
+        "{head}"
+    );
+    let tp = head_values(&head, "traceparent");
+    assert_eq!(tp.len(), 1, "{head}");
+    assert!(
+        tp[0].starts_with("00-0af7651916cd43dd8448eb211c80319c-") && tp[0] != parent,
+        "the client's trace continues with Strait's span: {head}"
+    );
+
+    // A route's rules win over Strait's headers.
+    let head = next("/rules", &[]).await;
+    assert_eq!(head_values(&head, "x-forwarded-proto"), ["https"], "{head}");
+    assert!(head_values(&head, "x-forwarded-host").is_empty(), "{head}");
+    assert_eq!(
+        head_values(&head, "x-forwarded-for"),
+        ["127.0.0.1"],
+        "{head}"
+    );
+    assert_eq!(head_values(&head, "traceparent").len(), 1, "{head}");
+}

@@ -235,9 +235,8 @@ impl ObservedBody {
     }
 
     /// Keeps the request counted as in progress on its connection until the body ends.
-    pub(crate) fn in_request(mut self, request: InRequest) -> Self {
+    pub(crate) fn in_request(&mut self, request: InRequest) {
         self.request = Some(request);
-        self
     }
 }
 

@@ -29,6 +29,7 @@ use tokio_rustls::client::TlsStream;
 use crate::body::{BodyError, ProxyBody};
 use crate::breaker::ConnectionSlot;
 use crate::h1_codec::{self, BodyFraming, Chunked, ChunkedItem, H1Error, ReqFraming};
+use crate::headers::DirectHeaders;
 use crate::pool::Home;
 
 /// Bytes asked of the socket per read: a typical response head and small body in one read.
@@ -78,6 +79,14 @@ impl AsyncWrite for Io {
             Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
+}
+
+/// What a request's head is written from: its parts, then the headers Strait writes
+/// straight into it (see [`DirectHeaders`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RequestHead<'a> {
+    pub(crate) parts: &'a http::request::Parts,
+    pub(crate) direct: Option<&'a DirectHeaders>,
 }
 
 /// An open upstream connection between requests. Dropping it closes the socket and frees its
@@ -223,10 +232,11 @@ impl Exchange {
     /// the exchange is polled.
     pub(crate) fn new(
         mut conn: Box<Conn>,
-        parts: &http::request::Parts,
+        head: RequestHead<'_>,
         body: Option<ProxyBody>,
         deadline: Option<Instant>,
     ) -> Self {
+        let RequestHead { parts, direct } = head;
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let len = body.as_ref().map(|b| b.size_hint().exact());
         conn.wbuf.clear();
@@ -234,6 +244,7 @@ impl Exchange {
             &parts.method,
             target,
             &parts.headers,
+            direct,
             len,
             &mut conn.wbuf,
         );

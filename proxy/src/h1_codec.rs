@@ -10,7 +10,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 
-use crate::headers::KEEP_ALIVE;
+use crate::headers::{DirectHeaders, KEEP_ALIVE};
 
 /// Header fields a response head (or a trailer section) may have, as hyper allows.
 const MAX_HEADERS: usize = 100;
@@ -52,8 +52,8 @@ pub(crate) enum ReqFraming {
     Chunked,
 }
 
-/// Writes `method target HTTP/1.1`, the fields and the framing of the body into `dst`.
-/// `body_len` is `None` for a request without a body, `Some(None)` for one of unknown
+/// Writes `method target HTTP/1.1`, the fields (those of `headers`, then the `direct` ones)
+/// and the framing of the body into `dst`. `body_len` is `None` for a request without a body, `Some(None)` for one of unknown
 /// length (sent chunked), `Some(Some(n))` for `n` bytes. A `Content-Length` the request
 /// already has is kept and wins, as hyper does; `Transfer-Encoding` is Strait's to set (it is
 /// hop-by-hop and was removed from what the client sent).
@@ -61,6 +61,7 @@ pub(crate) fn encode_request_head(
     method: &Method,
     target: &str,
     headers: &HeaderMap,
+    direct: Option<&DirectHeaders>,
     body_len: Option<Option<u64>>,
     dst: &mut Vec<u8>,
 ) -> Option<ReqFraming> {
@@ -77,6 +78,9 @@ pub(crate) fn encode_request_head(
         dst.extend_from_slice(b": ");
         dst.extend_from_slice(value.as_bytes());
         dst.extend_from_slice(b"\r\n");
+    }
+    if let Some(d) = direct {
+        d.write(dst);
     }
     let framing = match (body_len, declared) {
         (None, _) => None,
@@ -490,18 +494,18 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("a.example"));
         let mut out = Vec::new();
         assert_eq!(
-            encode_request_head(&Method::GET, "/x?y", &h, None, &mut out),
+            encode_request_head(&Method::GET, "/x?y", &h, None, None, &mut out),
             None
         );
         assert_eq!(out, b"GET /x?y HTTP/1.1\r\nhost: a.example\r\n\r\n");
 
         out.clear();
-        let f = encode_request_head(&Method::POST, "/", &h, Some(Some(12)), &mut out);
+        let f = encode_request_head(&Method::POST, "/", &h, None, Some(Some(12)), &mut out);
         assert_eq!(f, Some(ReqFraming::Length(12)));
         assert!(out.ends_with(b"content-length: 12\r\n\r\n"));
 
         out.clear();
-        let f = encode_request_head(&Method::POST, "/", &h, Some(None), &mut out);
+        let f = encode_request_head(&Method::POST, "/", &h, None, Some(None), &mut out);
         assert_eq!(f, Some(ReqFraming::Chunked));
         assert!(out.ends_with(b"transfer-encoding: chunked\r\n\r\n"));
 
@@ -512,7 +516,7 @@ mod tests {
             HeaderValue::from_static("chunked"),
         );
         out.clear();
-        let f = encode_request_head(&Method::PUT, "/", &h, Some(None), &mut out);
+        let f = encode_request_head(&Method::PUT, "/", &h, None, Some(None), &mut out);
         assert_eq!(f, Some(ReqFraming::Length(3)));
         let text = String::from_utf8(out.clone()).unwrap();
         assert_eq!(text.matches("content-length").count(), 1, "{text}");

@@ -5,6 +5,8 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::trace::{TraceContext, TRACEPARENT, TRACESTATE};
+
 /// `x-request-id`.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `x-forwarded-for`.
@@ -36,12 +38,41 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// through, since the upstream must see them to switch protocols. `TE: trailers` passes
 /// through: gRPC requires it and it is the one TE value every hop may forward.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    // One pass over the few names present finds which hop-by-hop names there are (usually
-    // none in requests, `Connection` in responses); only those are then removed, each
-    // removal being a hashed lookup.
-    let present = headers
-        .keys()
-        .fold(0u8, |bits, name| bits | hop_by_hop_bit(name));
+    remove_hop_by_hop_named(headers, Names::of(headers), upgrade);
+}
+
+/// Which of the names that matter to forwarding a header map has, from one pass over its
+/// few names (usually none in requests, `Connection` in responses): each one looked up
+/// instead would be a hashed probe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Names(u16);
+
+impl Names {
+    pub(crate) fn of(headers: &HeaderMap) -> Self {
+        Self(headers.keys().fold(0, |bits, name| bits | name_bit(name)))
+    }
+
+    /// Whether the map has any header Strait sets itself on a forwarded request
+    /// (`X-Forwarded-For`, `-Proto`, `-Host`, `traceparent`).
+    pub(crate) fn has_added(self) -> bool {
+        self.0 & ADDED_BITS != 0
+    }
+
+    /// Whether the map has both `Connection` and `Upgrade`, which an upgrade request needs
+    /// (see [`is_upgrade`]).
+    pub(crate) fn may_upgrade(self) -> bool {
+        self.0 & (CONNECTION_BIT | UPGRADE_BIT) == CONNECTION_BIT | UPGRADE_BIT
+    }
+
+    /// Whether the map has `tracestate`.
+    pub(crate) fn has_tracestate(self) -> bool {
+        self.0 & TRACESTATE_BIT != 0
+    }
+}
+
+/// [`remove_hop_by_hop`] with the map's [`Names`] already known.
+pub(crate) fn remove_hop_by_hop_named(headers: &mut HeaderMap, names: Names, upgrade: bool) {
+    let present = names.0 & HOP_BY_HOP_BITS;
     if present == 0 {
         return;
     }
@@ -100,16 +131,24 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
-const CONNECTION_BIT: u8 = 1;
-const TE_BIT: u8 = 1 << 1;
-const TRANSFER_ENCODING_BIT: u8 = 1 << 2;
-const UPGRADE_BIT: u8 = 1 << 3;
-const PROXY_AUTHENTICATE_BIT: u8 = 1 << 4;
-const PROXY_AUTHORIZATION_BIT: u8 = 1 << 5;
-const KEEP_ALIVE_BIT: u8 = 1 << 6;
-const PROXY_CONNECTION_BIT: u8 = 1 << 7;
+const CONNECTION_BIT: u16 = 1;
+const TE_BIT: u16 = 1 << 1;
+const TRANSFER_ENCODING_BIT: u16 = 1 << 2;
+const UPGRADE_BIT: u16 = 1 << 3;
+const PROXY_AUTHENTICATE_BIT: u16 = 1 << 4;
+const PROXY_AUTHORIZATION_BIT: u16 = 1 << 5;
+const KEEP_ALIVE_BIT: u16 = 1 << 6;
+const PROXY_CONNECTION_BIT: u16 = 1 << 7;
+const HOP_BY_HOP_BITS: u16 = 0xff;
+const X_FORWARDED_FOR_BIT: u16 = 1 << 8;
+const X_FORWARDED_PROTO_BIT: u16 = 1 << 9;
+const X_FORWARDED_HOST_BIT: u16 = 1 << 10;
+const TRACEPARENT_BIT: u16 = 1 << 11;
+const ADDED_BITS: u16 =
+    X_FORWARDED_FOR_BIT | X_FORWARDED_PROTO_BIT | X_FORWARDED_HOST_BIT | TRACEPARENT_BIT;
+const TRACESTATE_BIT: u16 = 1 << 12;
 
-fn hop_by_hop_bit(name: &HeaderName) -> u8 {
+fn name_bit(name: &HeaderName) -> u16 {
     if name == header::CONNECTION {
         CONNECTION_BIT
     } else if name == header::TE {
@@ -127,8 +166,66 @@ fn hop_by_hop_bit(name: &HeaderName) -> u8 {
     } else if name == PROXY_CONNECTION {
         PROXY_CONNECTION_BIT
     } else {
+        added_bit(name)
+    }
+}
+
+fn added_bit(name: &HeaderName) -> u16 {
+    if name == X_FORWARDED_FOR {
+        X_FORWARDED_FOR_BIT
+    } else if name == X_FORWARDED_PROTO {
+        X_FORWARDED_PROTO_BIT
+    } else if name == X_FORWARDED_HOST {
+        X_FORWARDED_HOST_BIT
+    } else if name == TRACEPARENT {
+        TRACEPARENT_BIT
+    } else if name == TRACESTATE {
+        TRACESTATE_BIT
+    } else {
         0
     }
+}
+
+/// Whether `name` is one Strait sets itself on a forwarded request (see [`Names::has_added`]).
+pub(crate) fn is_added_name(name: &HeaderName) -> bool {
+    added_bit(name) & ADDED_BITS != 0
+}
+
+/// The headers [`set_forwarded`] and the trace context would add to a request for an
+/// HTTP/1.1 upstream, written straight into its head after the client's headers instead:
+/// inserting a name the map does not know yet is a hashed probe, and the trace header an
+/// allocation, on every request. Used only when the client sent none of these names and no
+/// rule of the route or listener sets or removes them, so the upstream gets the same headers
+/// either way.
+#[derive(Debug)]
+pub(crate) struct DirectHeaders {
+    /// `X-Forwarded-For`: the client's IP.
+    pub(crate) client_ip: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    pub(crate) proto: &'static str,
+    /// `X-Forwarded-Host`: the host the client asked for.
+    pub(crate) host: Option<HeaderValue>,
+    /// `traceparent`.
+    pub(crate) trace: TraceContext,
+}
+
+impl DirectHeaders {
+    /// Appends the header lines.
+    pub(crate) fn write(&self, dst: &mut Vec<u8>) {
+        line(dst, &X_FORWARDED_FOR, self.client_ip.as_bytes());
+        line(dst, &X_FORWARDED_PROTO, self.proto.as_bytes());
+        if let Some(h) = &self.host {
+            line(dst, &X_FORWARDED_HOST, h.as_bytes());
+        }
+        line(dst, &TRACEPARENT, &self.trace.traceparent_bytes());
+    }
+}
+
+fn line(dst: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
+    dst.extend_from_slice(name.as_str().as_bytes());
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value);
+    dst.extend_from_slice(b"\r\n");
 }
 
 /// The client's IP as a header value, built once per connection.

@@ -29,7 +29,7 @@ use crate::breaker::{BackendState, Breaker, ConnectionSlot};
 use crate::clock::clock_ns;
 use crate::endpoint::EndpointState;
 use crate::error::ProxyError;
-use crate::h1_client::{Conn, Exchange, ExchangeError, Io};
+use crate::h1_client::{Conn, Exchange, ExchangeError, Io, RequestHead};
 use crate::upstream::{connect_tcp, is_idempotent, tls_handshake};
 use crate::upstream_tls::UpstreamTls;
 
@@ -288,19 +288,20 @@ enum Acquired {
     Slot(ConnectionSlot),
 }
 
-/// Sends a request (`parts`, `body`) to the endpoint on an idle connection or a new one, and
+/// Sends a request (`head`, `body`) to the endpoint on an idle connection or a new one, and
 /// returns the response once its head has arrived. Its body reads from the connection, which
 /// goes back to the endpoint's idle list when the body has been read to the end. `now`
 /// (`clock_ns()`, the attempt's start) tells how long a pooled connection has been idle.
-pub async fn send(
+pub(crate) async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Arc<BackendState>,
     settings: &Http1Settings,
-    parts: &http::request::Parts,
+    head: RequestHead<'_>,
     body: ProxyBody,
     deadline: Option<Deadline>,
     now: u64,
 ) -> Result<Response<ProxyBody>, ProxyError> {
+    let parts = head.parts;
     let addr = endpoint.addr();
     let tls = settings.tls_fingerprint();
     // A request without a body is never polled for one, so it stays whole for a resend.
@@ -331,7 +332,7 @@ pub async fn send(
                 }
             }
         };
-        let mut ex = Exchange::new(conn, parts, body.take(), deadline.as_ref().map(|d| d.at));
+        let mut ex = Exchange::new(conn, head, body.take(), deadline.as_ref().map(|d| d.at));
         let failure = match (ex.response_head(&parts.method).await, &deadline) {
             (Ok(head), _) => {
                 let home = Home {

@@ -23,6 +23,7 @@ use crate::body::{Completion, ObservedBody, ProxyBody};
 use crate::breaker::Breaker;
 use crate::clock::{clock_ns, clock_ns_at};
 use crate::error::{ProxyError, BREAKER_HEADER, ERROR_HEADER};
+use crate::h1_client::RequestHead;
 use crate::headers::{self, X_REQUEST_ID};
 use crate::health::Outcome;
 use crate::listener::ConnActivity;
@@ -105,27 +106,28 @@ pub fn handle(
     let mut ids = None;
     let started = std::panic::catch_unwind(AssertUnwindSafe(|| proxy(&busy.0, req, &mut ids)));
     async move {
-        let result = match started {
-            Ok(Started::Done(resp)) => Ok(resp),
-            Ok(Started::Forwarding(forwarding, limit_headers)) => {
-                let result = AssertUnwindSafe(forwarding).catch_unwind().await;
-                result.map(|mut resp| {
-                    if let Some(h) = &limit_headers {
-                        h.apply(resp.headers_mut());
-                    }
-                    resp
-                })
-            }
-            Err(panic) => Err(panic),
+        // The response is changed in place from here on: it is hundreds of bytes, and each
+        // `map` or by-value pass would copy it.
+        let (result, limit_headers) = match started {
+            Ok(Started::Done(resp)) => (Ok(resp), None),
+            Ok(Started::Forwarding(forwarding, limit_headers)) => (
+                AssertUnwindSafe(forwarding).catch_unwind().await,
+                limit_headers,
+            ),
+            Err(panic) => (Err(panic), None),
         };
         let cx = &busy.0;
         match result {
             Ok(mut resp) => {
+                if let Some(h) = &limit_headers {
+                    h.apply(resp.headers_mut());
+                }
                 if let Some(h) = &cx.hsts {
                     resp.headers_mut()
                         .insert(header::STRICT_TRANSPORT_SECURITY, h.clone());
                 }
-                Ok(resp.map(|b| b.in_request(busy)))
+                resp.body_mut().in_request(busy);
+                Ok(resp)
             }
             Err(_) => {
                 metrics::counter!(crate::metrics::HANDLER_PANICS).increment(1);
@@ -142,7 +144,9 @@ pub fn handle(
                 let mut resp = error_response(&ProxyError::Internal, version);
                 resp.headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                Ok(resp.map(|b| ObservedBody::bare(b).in_request(busy)))
+                let mut resp = resp.map(ObservedBody::bare);
+                resp.body_mut().in_request(busy);
+                Ok(resp)
             }
         }
     }
@@ -362,28 +366,52 @@ async fn forward(
         .as_ref()
         .and_then(|k| request_hash(k, &req, cx.client));
 
-    let upgrade = version == Version::HTTP_11 && headers::is_upgrade(req.headers());
+    let names = headers::Names::of(req.headers());
+    let upgrade =
+        version == Version::HTTP_11 && names.may_upgrade() && headers::is_upgrade(req.headers());
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-    headers::set_forwarded(
-        &mut parts.headers,
-        &cx.client_ip,
-        cx.scheme,
-        done.host.as_ref(),
-    );
+    headers::remove_hop_by_hop_named(&mut parts.headers, names, upgrade);
+    let identity_names = cx
+        .tls
+        .as_ref()
+        .map_or(&[][..], |t| &t.listener.identity_headers[..]);
+    // The forwarding and trace headers go straight into an HTTP/1.1 head when nothing else
+    // would set or remove them (see `DirectHeaders`).
+    let direct = http1
+        && !names.has_added()
+        && route.request_headers.is_empty()
+        && !identity_names.iter().any(headers::is_added_name);
+    if !direct {
+        headers::set_forwarded(
+            &mut parts.headers,
+            &cx.client_ip,
+            cx.scheme,
+            done.host.as_ref(),
+        );
+    }
     if let Some(tls) = &cx.tls {
-        for name in &tls.listener.identity_headers {
+        for name in identity_names {
             parts.headers.remove(name);
         }
         if let Some((name, Some(v))) = &tls.identity {
             parts.headers.insert(name.clone(), v.clone());
         }
     }
-    parts
-        .headers
-        .insert(TRACEPARENT.clone(), done.trace.traceparent());
-    if done.trace.parent_id.is_none() {
+    let direct = if direct {
+        Some(headers::DirectHeaders {
+            client_ip: cx.client_ip.clone(),
+            proto: cx.scheme,
+            host: done.host.clone(),
+            trace: done.trace,
+        })
+    } else {
+        parts
+            .headers
+            .insert(TRACEPARENT.clone(), done.trace.traceparent());
+        None
+    };
+    if done.trace.parent_id.is_none() && names.has_tracestate() {
         // A tracestate whose traceparent was missing or invalid belongs to no trace we
         // continue.
         parts.headers.remove(&TRACESTATE);
@@ -446,6 +474,7 @@ async fn forward(
         }
         None => Sendable::once(parts, ProxyBody::Upstream(body)),
     };
+    sendable.direct = direct;
     let may_retry_status = policy.is_some_and(|p| p.non_idempotent || is_idempotent(&done.method));
     // The route timeout bounds every attempt together.
     // Counted from the request's arrival (one clock read fewer than reading it again here).
@@ -834,6 +863,8 @@ struct Sendable {
     body: SendBody,
     /// The head's Host names the endpoint of the last attempt (the client sent none).
     endpoint_host: bool,
+    /// Headers every HTTP/1.1 attempt writes after the head's own.
+    direct: Option<headers::DirectHeaders>,
 }
 
 enum SendBody {
@@ -850,6 +881,7 @@ impl Sendable {
             head: Some(head),
             body: SendBody::Once(Some(body)),
             endpoint_host: false,
+            direct: None,
         }
     }
 
@@ -885,6 +917,7 @@ impl Sendable {
             head: Some(parts),
             body: SendBody::Kept((!kept.is_empty()).then(|| kept.freeze()), trailers),
             endpoint_host: false,
+            direct: None,
         })
     }
 
@@ -903,7 +936,7 @@ impl Sendable {
     /// The next HTTP/1.1 attempt's head and body. Origin-form on the wire, as a client sends
     /// to a server; a request that came without any host names the endpoint, as hyper's
     /// pooled client did.
-    fn next_h1(&mut self, ep: &Endpoint) -> Option<(&http::request::Parts, ProxyBody)> {
+    fn next_h1(&mut self, ep: &Endpoint) -> Option<(RequestHead<'_>, ProxyBody)> {
         let body = self.next_body()?;
         let head = self.head.as_mut()?;
         if self.endpoint_host || !head.headers.contains_key(header::HOST) {
@@ -911,6 +944,10 @@ impl Sendable {
             head.headers.insert(header::HOST, host);
             self.endpoint_host = true;
         }
+        let head = RequestHead {
+            parts: head,
+            direct: self.direct.as_ref(),
+        };
         Some((head, body))
     }
 

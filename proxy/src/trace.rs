@@ -73,6 +73,12 @@ impl TraceContext {
 
     /// The `traceparent` the upstream gets: this trace, with Strait's span as its parent.
     pub fn traceparent(&self) -> HeaderValue {
+        HeaderValue::from_bytes(&self.traceparent_bytes())
+            .expect("hex digits and dashes are a valid header value")
+    }
+
+    /// The `traceparent` value's bytes, for writing it without a header value.
+    pub(crate) fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
         let mut buf = [0u8; TRACEPARENT_LEN];
         buf[..3].copy_from_slice(b"00-");
         hex(&self.trace_id.to_be_bytes(), &mut buf[3..35]);
@@ -80,7 +86,7 @@ impl TraceContext {
         hex(&self.span_id.to_be_bytes(), &mut buf[36..52]);
         buf[52] = b'-';
         hex(&[self.flags], &mut buf[53..55]);
-        HeaderValue::from_bytes(&buf).expect("hex digits and dashes are a valid header value")
+        buf
     }
 
     /// The trace id as 32 lowercase hex digits, formatted without allocating.
