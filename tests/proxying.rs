@@ -669,6 +669,10 @@ async fn head_recorder() -> (
     (addr, rx)
 }
 
+/// A request's path, the headers the client adds, and the values the upstream must see of
+/// X-Forwarded-For, -Proto and -Host.
+type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], [&'a [&'a str]; 3]);
+
 /// The values of the head's lines named `name`, in order.
 fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
     head.split("\r\n")
@@ -717,7 +721,7 @@ backends:
     };
 
     let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let cases: [(&str, &[(&str, &str)], [&[&str]; 3]); 3] = [
+    let cases: [Case; 3] = [
         // Nothing from the client: Strait's own.
         ("/", &[], [&["127.0.0.1"], &["http"], &["shop.example.com"]]),
         // The client's own: X-Forwarded-Host and the trace kept, the rest Strait's.
