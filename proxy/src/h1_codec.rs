@@ -53,10 +53,11 @@ pub(crate) enum ReqFraming {
 }
 
 /// Writes `method target HTTP/1.1`, the fields (those of `headers`, then the `direct` ones)
-/// and the framing of the body into `dst`. `body_len` is `None` for a request without a body, `Some(None)` for one of unknown
-/// length (sent chunked), `Some(Some(n))` for `n` bytes. A `Content-Length` the request
-/// already has is kept and wins, as hyper does; `Transfer-Encoding` is Strait's to set (it is
-/// hop-by-hop and was removed from what the client sent).
+/// and the framing of the body into `dst`. `body_len` is `None` for a request without a
+/// body, `Some(None)` for one of unknown length (sent chunked), `Some(Some(n))` for `n` bytes.
+/// A `Content-Length` the request already has is kept and wins, as hyper does;
+/// `Transfer-Encoding` is Strait's to set (it is hop-by-hop and was removed from what the
+/// client sent).
 pub(crate) fn encode_request_head(
     method: &Method,
     target: &str,
