@@ -683,11 +683,11 @@ fn head_values<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
 }
 
 #[tokio::test]
-async fn forwarding_and_trace_headers_reach_an_http1_upstream_once_whichever_way_they_are_written()
-{
-    // Strait writes these headers straight into the upstream head unless the client sent one
-    // of them or a route rule changes them; then they go through the header map. Either way
-    // the upstream must see each once, with the right value.
+async fn strait_headers_reach_an_http1_upstream_once_whichever_way_they_are_written() {
+    // The forwarding headers, the trace context and a made-up request id: Strait writes them
+    // straight into the upstream head unless the client sent one of them, a route rule changes
+    // them or a hash reads the id; then they go through the header map. Either way the upstream
+    // must see each once, with the right value, and the request id the client gets back.
     let (addr, mut heads) = head_recorder().await;
     let proxy = TestProxy::start(&format!(
         r#"
@@ -699,9 +699,16 @@ listeners:
       - match: {{prefix: /rules}}
         forward: {{backend: b}}
         request_headers: {{set: {{x-forwarded-proto: https}}, remove: [x-forwarded-host]}}
+      - match: {{prefix: /hashed}}
+        forward: {{backend: hashed}}
       - forward: {{backend: b}}
 backends:
   - name: b
+    endpoints: ["{addr}"]
+  # The hash must find the request id in the header map.
+  - name: hashed
+    policy: ring_hash
+    hash: {{header: x-request-id}}
     endpoints: ["{addr}"]
 "#
     ))
@@ -714,16 +721,29 @@ backends:
         }
         let r = send(&c, req.body(http_body_util::Empty::new()).unwrap()).await;
         assert_eq!(r.status, 200, "{path}");
-        tokio::time::timeout(Duration::from_secs(10), heads.recv())
+        let head = tokio::time::timeout(Duration::from_secs(10), heads.recv())
             .await
             .expect("the upstream got the request")
-            .unwrap()
+            .unwrap();
+        let returned = r.headers["x-request-id"].to_str().unwrap().to_owned();
+        assert_eq!(
+            head_values(&head, "x-request-id"),
+            [returned.as_str()],
+            "{head}"
+        );
+        (head, returned)
     };
 
     let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         // Nothing from the client: Strait's own.
         ("/", &[], [&["127.0.0.1"], &["http"], &["shop.example.com"]]),
+        // The client's request id only.
+        (
+            "/",
+            &[("x-request-id", "client-id-1")],
+            [&["127.0.0.1"], &["http"], &["shop.example.com"]],
+        ),
         // The client's own: X-Forwarded-Host and the trace kept, the rest Strait's.
         (
             "/",
@@ -736,10 +756,17 @@ backends:
         ),
         // A route's rules win over Strait's headers.
         ("/rules", &[], [&["127.0.0.1"], &["https"], &[]]),
+        (
+            "/hashed",
+            &[],
+            [&["127.0.0.1"], &["http"], &["shop.example.com"]],
+        ),
     ];
     let mut traces = Vec::new();
+    let mut ids = Vec::new();
     for (path, sent, expected) in cases {
-        let head = next(path, sent).await;
+        let (head, id) = next(path, sent).await;
+        ids.push(id);
         for (name, values) in ["x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"]
             .into_iter()
             .zip(expected)
@@ -756,8 +783,22 @@ backends:
         traces.push(tp[0].to_owned());
     }
     assert!(
-        traces[1].starts_with("00-0af7651916cd43dd8448eb211c80319c-") && traces[1] != parent,
+        traces[2].starts_with("00-0af7651916cd43dd8448eb211c80319c-") && traces[2] != parent,
         "the client's trace continues with Strait's span: {traces:?}"
     );
     assert!(!traces[0].starts_with("00-0af7651916cd43dd8448eb211c80319c-"));
+    assert_eq!(ids[1], "client-id-1");
+    // Made-up ids are UUIDs (8-4-4-4-12 hex digits), a new one per request.
+    for i in [0, 2, 3, 4] {
+        let groups: Vec<usize> = ids[i].split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{ids:?}");
+        assert!(
+            ids[i].bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()),
+            "{ids:?}"
+        );
+    }
+    let made_up = [&ids[0], &ids[2], &ids[3], &ids[4]];
+    for (i, a) in made_up.iter().enumerate() {
+        assert!(!made_up[i + 1..].contains(a), "{ids:?}");
+    }
 }

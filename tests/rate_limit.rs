@@ -151,6 +151,21 @@ async fn each_header_value_has_its_own_bucket_and_requests_without_it_share_one(
 }
 
 #[tokio::test]
+async fn a_limit_keyed_on_the_request_id_sees_the_id_strait_makes_up() {
+    // Strait makes up an id for a request that has none before the limit is checked, so
+    // each such request is a key of its own; a client that repeats its id shares a bucket.
+    let up = Upstream::start("up").await;
+    let limit = "{requests: 1, per: 1m, burst: 1, key: {header: x-request-id}}";
+    let proxy = TestProxy::start(&limited(&up, limit)).await;
+    let c = client();
+    let url = proxy.url("/");
+    assert_eq!(statuses(&c, &url, &[], 4).await, [200, 200, 200, 200]);
+    let same = [("x-request-id", "repeated")];
+    assert_eq!(statuses(&c, &url, &same, 2).await, [200, 429]);
+    assert_eq!(up.hits(), 5);
+}
+
+#[tokio::test]
 async fn response_headers_count_down_on_allowed_responses() {
     let up = Upstream::start("up").await;
     let yaml = format!(

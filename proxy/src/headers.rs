@@ -186,19 +186,23 @@ fn added_bit(name: &HeaderName) -> u16 {
     }
 }
 
-/// Whether `name` is one Strait sets itself on a forwarded request (see [`Names::has_added`]).
+/// Whether `name` is one Strait sets itself on a forwarded request: those of
+/// [`Names::has_added`], and the request id.
 pub(crate) fn is_added_name(name: &HeaderName) -> bool {
-    added_bit(name) & ADDED_BITS != 0
+    added_bit(name) & ADDED_BITS != 0 || name == X_REQUEST_ID
 }
 
-/// The headers [`set_forwarded`] and the trace context would add to a request for an
-/// HTTP/1.1 upstream, written straight into its head after the client's headers instead:
-/// inserting a name the map does not know yet is a hashed probe, and the trace header an
-/// allocation, on every request. Used only when the client sent none of these names and no
-/// rule of the route or listener sets or removes them, so the upstream gets the same headers
-/// either way.
+/// The headers [`set_forwarded`], the request id and the trace context would add to a
+/// request for an HTTP/1.1 upstream, written straight into its head after the client's
+/// headers instead: inserting a name the map does not know yet is a hashed probe, and the
+/// trace header an allocation, on every request. Used only when the client sent none of these
+/// names and no rule of the route or listener sets or removes them, so the upstream gets the
+/// same headers either way.
 #[derive(Debug)]
 pub(crate) struct DirectHeaders {
+    /// `X-Request-Id`, when Strait made one up and nothing had to find it in the map (a
+    /// rate limit or hash keyed on it).
+    pub(crate) request_id: Option<HeaderValue>,
     /// `X-Forwarded-For`: the client's IP.
     pub(crate) client_ip: HeaderValue,
     /// `X-Forwarded-Proto`.
@@ -212,6 +216,9 @@ pub(crate) struct DirectHeaders {
 impl DirectHeaders {
     /// Appends the header lines.
     pub(crate) fn write(&self, dst: &mut Vec<u8>) {
+        if let Some(id) = &self.request_id {
+            line(dst, &X_REQUEST_ID, id.as_bytes());
+        }
         line(dst, &X_FORWARDED_FOR, self.client_ip.as_bytes());
         line(dst, &X_FORWARDED_PROTO, self.proto.as_bytes());
         if let Some(h) = &self.host {

@@ -213,6 +213,11 @@ impl<C: Clock> Limiter<C> {
             .map_err(|not_until| not_until.wait_time_from(keyed.limiter.clock().now()))
     }
 
+    /// Whether requests are told apart by the value of header `name`.
+    pub fn keys_on(&self, name: &HeaderName) -> bool {
+        matches!(&self.buckets, Buckets::Header { name: n, .. } if n == name)
+    }
+
     fn keyed(&self) -> Option<&KeyedBuckets<C>> {
         match &self.buckets {
             Buckets::Global(_) => None,

@@ -223,11 +223,13 @@ fn proxy(
         (found, table.access_log, table.spec.tracing.sample_ratio)
     };
 
-    // The id is added after matching, so a route's header condition sees what the client sent.
-    // One hashed lookup whether the client sent one or not.
-    let request_id = match req.headers_mut().entry(&X_REQUEST_ID) {
-        header::Entry::Occupied(e) => e.get().clone(),
-        header::Entry::Vacant(e) => e.insert(headers::new_request_id()).clone(),
+    // The id is made after matching, so a route's header condition sees what the client sent.
+    // A made-up id is put in the request's map only where something reads it there (a rate
+    // limit here, `forward` for the rest); an HTTP/1.1 upstream mostly gets it written
+    // straight into the request head.
+    let (request_id, mut id_pending) = match req.headers().get(&X_REQUEST_ID) {
+        Some(id) => (id.clone(), false),
+        None => (headers::new_request_id(), true),
     };
     let trace = TraceContext::for_request(req.headers(), sample_ratio);
     *ids = Some((request_id.clone(), trace));
@@ -287,6 +289,11 @@ fn proxy(
 
     let mut limit_headers = None;
     if let Some(rl) = &route.rate_limit {
+        if id_pending && rl.limiter().keys_on(&X_REQUEST_ID) {
+            req.headers_mut()
+                .insert(X_REQUEST_ID.clone(), done.request_id.clone());
+            id_pending = false;
+        }
         match rl.check(cx.client.ip(), req.headers()) {
             Ok(h) => limit_headers = h,
             Err(limited) => {
@@ -308,7 +315,7 @@ fn proxy(
         // move of it to a pointer.
         Action::Forward(_) => {
             let cx = Arc::clone(cx);
-            let forwarding = boxed_in_place(|| forward(cx, route, target, req, done));
+            let forwarding = boxed_in_place(|| forward(cx, route, target, req, id_pending, done));
             return Started::Forwarding(forwarding, limit_headers);
         }
     };
@@ -346,6 +353,7 @@ async fn forward(
     route: Arc<Route>,
     backend: Option<Arc<Backend>>,
     mut req: Request<Incoming>,
+    id_pending: bool,
     mut done: Box<Completion>,
 ) -> Response<ObservedBody> {
     let version = req.version();
@@ -361,17 +369,7 @@ async fn forward(
         Ok(slot) => done.backend_slot = Some(slot),
         Err(b) => return fail(breaker_open(backend, b), version, backend, done),
     }
-    let hash = backend
-        .hash_key
-        .as_ref()
-        .and_then(|k| request_hash(k, &req, cx.client));
-
     let names = headers::Names::of(req.headers());
-    let upgrade =
-        version == Version::HTTP_11 && names.may_upgrade() && headers::is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    headers::remove_hop_by_hop_named(&mut parts.headers, names, upgrade);
     let identity_names = cx
         .tls
         .as_ref()
@@ -382,6 +380,25 @@ async fn forward(
         && !names.has_added()
         && route.request_headers.is_empty()
         && !identity_names.iter().any(headers::is_added_name);
+    let hash_reads_id = backend
+        .hash_key
+        .as_ref()
+        .is_some_and(|k| k.is_header(&X_REQUEST_ID));
+    let id_direct = id_pending && direct && !hash_reads_id;
+    if id_pending && !id_direct {
+        req.headers_mut()
+            .insert(X_REQUEST_ID.clone(), done.request_id.clone());
+    }
+    let hash = backend
+        .hash_key
+        .as_ref()
+        .and_then(|k| request_hash(k, &req, cx.client));
+
+    let upgrade =
+        version == Version::HTTP_11 && names.may_upgrade() && headers::is_upgrade(req.headers());
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    headers::remove_hop_by_hop_named(&mut parts.headers, names, upgrade);
     if !direct {
         headers::set_forwarded(
             &mut parts.headers,
@@ -400,6 +417,7 @@ async fn forward(
     }
     let direct = if direct {
         Some(headers::DirectHeaders {
+            request_id: id_direct.then(|| done.request_id.clone()),
             client_ip: cx.client_ip.clone(),
             proto: cx.scheme,
             host: done.host.clone(),

@@ -522,6 +522,13 @@ pub enum HashKey {
     Cookie(String),
 }
 
+impl HashKey {
+    /// Whether this key is the value of header `name`.
+    pub fn is_header(&self, name: &HeaderName) -> bool {
+        matches!(self, HashKey::Header(n) if n == name)
+    }
+}
+
 /// Holds the table in force; cheap to clone and share.
 #[derive(Debug, Clone)]
 pub struct TableHandle {
