@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -442,6 +442,10 @@ pub(crate) struct IdleTimeout<T = TcpStream> {
     idle: Duration,
     last: Instant,
     timer: Pin<Box<Sleep>>,
+    /// The waker the pending timer will wake. A read that blocks with the same waker while
+    /// the timer has not fired leaves the timer alone: polling it again would only register
+    /// the same waker once more (twice per keep-alive request).
+    timer_waker: Option<Waker>,
     head: Option<HeadTimeout>,
 }
 
@@ -452,6 +456,7 @@ impl<T> IdleTimeout<T> {
             idle,
             last: Instant::now(),
             timer: Box::pin(tokio::time::sleep(idle)),
+            timer_waker: None,
             head: None,
         }
     }
@@ -469,6 +474,7 @@ impl<T> IdleTimeout<T> {
             idle,
             last: now,
             timer: Box::pin(tokio::time::sleep_until(now + idle.min(timeout))),
+            timer_waker: None,
             head: Some(HeadTimeout {
                 timeout,
                 activity,
@@ -487,7 +493,16 @@ impl<T> IdleTimeout<T> {
 
     fn poll_idle(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
-            ready!(self.timer.as_mut().poll(cx));
+            if self.timer.as_mut().poll(cx).is_pending() {
+                if !self
+                    .timer_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()))
+                {
+                    self.timer_waker = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
             let now = Instant::now();
             let mut next = self.last + self.idle;
             if next <= now {
@@ -540,7 +555,16 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleTimeout<T> {
                 }
                 Poll::Ready(r)
             }
-            Poll::Pending => this.poll_idle(cx).map(Err),
+            Poll::Pending => {
+                let armed = this
+                    .timer_waker
+                    .as_ref()
+                    .is_some_and(|w| w.will_wake(cx.waker()));
+                if armed && !this.timer.is_elapsed() {
+                    return Poll::Pending;
+                }
+                this.poll_idle(cx).map(Err)
+            }
         }
     }
 }
