@@ -81,9 +81,10 @@ impl TraceContext {
     pub(crate) fn traceparent_bytes(&self) -> [u8; TRACEPARENT_LEN] {
         let mut buf = [0u8; TRACEPARENT_LEN];
         buf[..3].copy_from_slice(b"00-");
-        hex(&self.trace_id.to_be_bytes(), &mut buf[3..35]);
+        buf[3..19].copy_from_slice(&hex_u64((self.trace_id >> 64) as u64));
+        buf[19..35].copy_from_slice(&hex_u64(self.trace_id as u64));
         buf[35] = b'-';
-        hex(&self.span_id.to_be_bytes(), &mut buf[36..52]);
+        buf[36..52].copy_from_slice(&hex_u64(self.span_id));
         buf[52] = b'-';
         hex(&[self.flags], &mut buf[53..55]);
         buf
@@ -119,6 +120,28 @@ fn hex(bytes: &[u8], out: &mut [u8]) {
         out[2 * i] = DIGITS[usize::from(b >> 4)];
         out[2 * i + 1] = DIGITS[usize::from(b & 0xf)];
     }
+}
+
+/// `x` as 16 lowercase hex digits, eight at a time: each nibble is spread into a byte of a
+/// `u64`, and digits above 9 are found without a branch or table lookup per digit. Written
+/// into every forwarded request's `traceparent`, where the loop above cost ten instructions a
+/// byte.
+fn hex_u64(x: u64) -> [u8; 16] {
+    fn spread(x: u32) -> u64 {
+        let x = u64::from(x);
+        let x = (x | (x << 16)) & 0x0000_ffff_0000_ffff;
+        let x = (x | (x << 8)) & 0x00ff_00ff_00ff_00ff;
+        (x | (x << 4)) & 0x0f0f_0f0f_0f0f_0f0f
+    }
+    fn ascii(nibbles: u64) -> u64 {
+        // 1 in each byte whose nibble is above 9 (adding 6 carries it into bit 4).
+        let letters = ((nibbles + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+        nibbles + 0x3030_3030_3030_3030 + letters * u64::from(b'a' - b'0' - 10)
+    }
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&ascii(spread((x >> 32) as u32)).to_be_bytes());
+    out[8..].copy_from_slice(&ascii(spread(x as u32)).to_be_bytes());
+    out
 }
 
 /// Lowercase hex only: the W3C grammar has no uppercase digits.
@@ -222,6 +245,25 @@ pub fn span_sink() -> Option<&'static dyn SpanSink> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_u64_writes_sixteen_lowercase_digits() {
+        let mut values = vec![0, 1, 9, 10, 15, 16, 0xa0, u64::MAX, 0x0123_4567_89ab_cdef];
+        values.extend((0..1000).map(|_| fastrand::u64(..)));
+        for v in values {
+            assert_eq!(hex_u64(v), *format!("{v:016x}").as_bytes(), "{v:#x}");
+        }
+        let t = TraceContext {
+            trace_id: 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736,
+            span_id: 0x00f0_67aa_0ba9_02b7,
+            ..TraceContext::for_request(&http::HeaderMap::new(), 0.0)
+        };
+        assert_eq!(
+            &t.traceparent_bytes()[..52],
+            &GOOD.as_bytes()[..52],
+            "trace and span ids in order"
+        );
+    }
 
     const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
