@@ -98,6 +98,8 @@ pub(crate) struct Conn {
     rbuf: BytesMut,
     /// Bytes to write: the request head, then request body data as it comes.
     wbuf: Vec<u8>,
+    /// The names of the last response head read on it.
+    names: h1_codec::NameCache,
     /// [`crate::upstream_tls::UpstreamTls::fingerprint`] of the settings it was made with (0:
     /// cleartext), so a reload that changes them does not keep using it.
     pub(crate) tls: u64,
@@ -117,6 +119,7 @@ impl Conn {
             io,
             rbuf: BytesMut::new(),
             wbuf: Vec::new(),
+            names: h1_codec::NameCache::default(),
             tls,
             idle_since: 0,
             worker: crate::workers::current(),
@@ -396,7 +399,11 @@ impl Exchange {
         }
         loop {
             if !self.conn.rbuf.is_empty() {
-                if let Some(head) = h1_codec::parse_response_head(&mut self.conn.rbuf, method)? {
+                if let Some(head) = h1_codec::parse_response_head(
+                    &mut self.conn.rbuf,
+                    method,
+                    &mut self.conn.names,
+                )? {
                     if send_failed.is_some() {
                         self.broken = true;
                         self.out = None;

@@ -7,7 +7,7 @@
 use std::mem::MaybeUninit;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue, InvalidHeaderName};
 use http::{Method, StatusCode, Version};
 
 use crate::headers::{DirectHeaders, KEEP_ALIVE};
@@ -143,12 +143,43 @@ pub(crate) struct ResponseHead {
     pub keep_alive: bool,
 }
 
+/// The header names of the last response on a connection, by position, with their bytes as
+/// the server wrote them. A server sends the same names in the same order response after
+/// response; a field whose bytes are those remembered at its position gets that name again,
+/// without `HeaderName::from_bytes`'s lowercasing and lookup (and, for a name outside the
+/// standard ones, its allocation) on every response. Exact bytes, not a case-blind compare:
+/// that compare, a byte at a time, cost more than `from_bytes`.
+#[derive(Debug, Default)]
+pub(crate) struct NameCache(Vec<(Box<[u8]>, HeaderName)>);
+
+/// Positions remembered: enough for the heads of ordinary servers.
+const CACHED_NAMES: usize = 32;
+
+impl NameCache {
+    fn name(&mut self, i: usize, raw: &[u8]) -> Result<HeaderName, InvalidHeaderName> {
+        if let Some((known, name)) = self.0.get(i) {
+            if **known == *raw {
+                return Ok(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw)?;
+        let entry = (Box::from(raw), name.clone());
+        if i < self.0.len() {
+            self.0[i] = entry;
+        } else if i == self.0.len() && i < CACHED_NAMES {
+            self.0.push(entry);
+        }
+        Ok(name)
+    }
+}
+
 /// Parses a complete response head off the front of `buf`, or returns `None` if more bytes
 /// are needed. Informational responses other than 101 are consumed and skipped (Strait does
 /// not forward 100 Continue or 103 Early Hints, as hyper's client does not).
 pub(crate) fn parse_response_head(
     buf: &mut BytesMut,
     method: &Method,
+    names: &mut NameCache,
 ) -> Result<Option<ResponseHead>, H1Error> {
     loop {
         // Uninitialised: a head has a handful of fields, and zeroing room for a hundred
@@ -204,9 +235,10 @@ pub(crate) fn parse_response_head(
         // framing, `Connection` with only `close`/`keep-alive`/`upgrade`, `Keep-Alive`) are
         // not put in the map: the proxy would remove them before the client sees the response.
         let mut facts = HeadFacts::default();
-        for &(n, nl, v, vl) in &offsets[..count] {
+        for (i, &(n, nl, v, vl)) in offsets[..count].iter().enumerate() {
             let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-            let name = HeaderName::from_bytes(&head[n..n + nl])
+            let name = names
+                .name(i, &head[n..n + nl])
                 .map_err(|_| H1Error::Head(httparse::Error::HeaderName))?;
             let raw = &head[v..v + vl];
             if name == header::CONNECTION {
@@ -486,7 +518,11 @@ mod tests {
     use super::*;
 
     fn head(bytes: &str, method: &Method) -> Result<Option<ResponseHead>, H1Error> {
-        parse_response_head(&mut BytesMut::from(bytes), method)
+        parse_response_head(
+            &mut BytesMut::from(bytes),
+            method,
+            &mut NameCache::default(),
+        )
     }
 
     #[test]
@@ -681,13 +717,44 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_remembers_names_by_position_and_never_mixes_them_up() {
+        // The same connection's responses, one after another: names repeated in other case,
+        // changed, added and dropped at the remembered positions.
+        let heads = [
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nX-Backend: 1\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nSERVER: nginx\r\nx-backend: 2\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nserver: nginx\r\nX-Other: 3\r\nContent-Length: 0\r\nVia: a\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nX-Backend: 5\r\nContent-Length: 0\r\n\r\n",
+        ];
+        let mut names = NameCache::default();
+        for text in heads {
+            let parse = |cache: &mut NameCache| {
+                let mut buf = BytesMut::from(text.as_bytes());
+                parse_response_head(&mut buf, &Method::GET, cache)
+                    .unwrap()
+                    .unwrap()
+                    .headers
+            };
+            let fresh = parse(&mut NameCache::default());
+            let cached = parse(&mut names);
+            assert_eq!(cached, fresh, "{text:?}");
+        }
+        assert_eq!(
+            names.0.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>(),
+            ["server", "x-backend", "content-length", "via"]
+        );
+    }
+
+    #[test]
     fn heads_parse_in_pieces_and_skip_informational_responses() {
         let full =
             "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nx-a: 1\r\nx-a: 2\r\n\r\nbody";
         let mut buf = BytesMut::new();
         for (i, b) in full.bytes().enumerate() {
             buf.extend_from_slice(&[b]);
-            let parsed = parse_response_head(&mut buf, &Method::POST).unwrap();
+            let parsed =
+                parse_response_head(&mut buf, &Method::POST, &mut NameCache::default()).unwrap();
             if i + 1 < full.len() - 4 {
                 assert!(parsed.is_none(), "complete at byte {i}");
                 continue;
@@ -702,7 +769,7 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\nframe"[..],
         );
-        let h = parse_response_head(&mut buf, &Method::GET)
+        let h = parse_response_head(&mut buf, &Method::GET, &mut NameCache::default())
             .unwrap()
             .unwrap();
         assert_eq!((h.status.as_u16(), h.framing), (101, BodyFraming::Empty));
