@@ -36,19 +36,7 @@ done
 need nginx wrk curl
 [ "$SYSCALLS" = 0 ] || need perf
 
-cat >"$work/strait.yaml" <<YAML
-admin: {address: "127.0.0.1:19912"}
-access_log: {enabled: false}
-listeners:
-  - name: bench
-    address: 127.0.0.1:18402
-    routes:
-      - name: all
-        forward: {backend: app}
-backends:
-  - name: app
-    endpoints: ["127.0.0.1:18091"]
-YAML
+strait_config 18402 19912 >"$work/strait.yaml"
 {
   # One process: the CPU time read is the worker's.
   echo "master_process off;"

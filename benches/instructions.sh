@@ -37,19 +37,7 @@ for t in "${targets[@]}"; do
 done
 need valgrind callgrind_control callgrind_annotate nginx wrk curl
 
-cat >"$work/strait.yaml" <<YAML
-admin: {address: "127.0.0.1:19912"}
-access_log: {enabled: false}
-listeners:
-  - name: bench
-    address: 127.0.0.1:18402
-    routes:
-      - name: all
-        forward: {backend: app}
-backends:
-  - name: app
-    endpoints: ["127.0.0.1:18091"]
-YAML
+strait_config 18402 19912 >"$work/strait.yaml"
 
 start_backend
 

@@ -55,6 +55,27 @@ NGINX
   wait_ok http://127.0.0.1:18091/
 }
 
+# A Strait config: one listener on 127.0.0.1:PORT whose route `all` forwards everything to
+# the backend of start_backend (backend `app`), admin on 127.0.0.1:ADMIN_PORT, no access log.
+# ROUTE_LINES and BACKEND_LINES, if given, are added to the route and to the backend.
+strait_config() {  # port admin_port [route_lines] [backend_lines]
+  cat <<YAML
+admin: {address: "127.0.0.1:$2"}
+access_log: {enabled: false}
+listeners:
+  - name: bench
+    address: 127.0.0.1:$1
+    routes:
+      - name: all
+        forward: {backend: app}
+${3:-}
+backends:
+  - name: app
+    endpoints: ["127.0.0.1:18091"]
+${4:-}
+YAML
+}
+
 wait_ok() {  # url [curl options...]
   local url=$1
   shift

@@ -14,27 +14,12 @@
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 work=$(mktemp -d "${TMPDIR:-/tmp}/strait-resilience-bench.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+pids=()
+# shellcheck source=benches/lib.sh
+. "$here/lib.sh"
 
-config() {  # $1 listen port, $2 admin port, $3 route lines, $4 backend lines
-  cat <<YAML
-admin: {address: "127.0.0.1:$2"}
-access_log: {enabled: false}
-listeners:
-  - name: bench
-    address: 127.0.0.1:$1
-    routes:
-      - name: all
-        forward: {backend: app}
-$3
-backends:
-  - name: app
-    endpoints: ["127.0.0.1:18091"]
-$4
-YAML
-}
-config 18401 19911 '' '' >"$work/plain.yaml"
-config 18402 19912 '        retry:
+strait_config 18401 19911 >"$work/plain.yaml"
+strait_config 18402 19912 '        retry:
           retries: 2
           statuses: [502, 503, 504]
           per_try_timeout: 2s
