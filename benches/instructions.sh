@@ -11,7 +11,7 @@
 #
 # Why: on this shared 2-core machine keep-alive throughput and CPU time move by 2 to 4% from
 # run to run, more than a change to the request path usually saves. The instruction count
-# of the same build repeats within 1% (0.2 to 0.8% between two rounds): it shows what a change takes off each request
+# of the same build repeats within 1% (0.1 to 0.8% between two rounds): it shows what a change takes off each request
 # (the kernel's part, about two thirds of the CPU time, is not counted). It is a count, not
 # a time: confirm a change with benches/ab-keepalive.sh or the load harness.
 # The callgrind profile of each run is kept (OUT_DIR, default a temporary directory that is
