@@ -14,7 +14,10 @@
 # a generated X-Request-Id (also returned to the client), X-Forwarded-For, -Proto and -Host, and
 # a traceparent (a fixed one: nginx cannot start a trace without a module), so that the two
 # proxies write the same bytes. Also printed: the proxy's sleeps (voluntary context switches)
-# per second, and how idle each CPU was.
+# per second, how idle each CPU was, and per request: each CPU's busy time (all its work:
+# the proxy on CPU 1; wrk, the backend and the loopback deliveries they send on CPU 0), the
+# context switches of the whole machine and the TCP segments sent. When both CPUs are busy
+# nearly all the time, the throughput is CPU 0's busy time per request, not the proxy's.
 # BIN defaults to the release build. Needs nginx, wrk and curl.
 set -euo pipefail
 
@@ -64,9 +67,13 @@ cpu_ticks() { awk '{print $14 + 0, $15 + 0}' "/proc/$1/stat"; }
 sleeps() { cat /proc/"$1"/task/*/status | awk '/^voluntary_ctxt_switches/ {n += $2} END {print n + 0}'; }
 # Idle ticks of CPU 0 and CPU 1 (idle and iowait columns of /proc/stat).
 idle_ticks() { awk '$1 == "cpu0" {a = $5 + $6} $1 == "cpu1" {b = $5 + $6} END {print a + 0, b + 0}' /proc/stat; }
+# Context switches on all CPUs, and TCP segments sent (all sockets: on loopback each is also
+# received once).
+switches() { awk '$1 == "ctxt" {print $2}' /proc/stat; }
+segments() { awk '$1 == "Tcp:" && $2 ~ /^[0-9]+$/ {print $12}' /proc/net/snmp; }
 
 measure() {  # target
-  local t=$1 conf pid reqs u0 s0 u1 s1 v0 v1 i00 i10 i01 i11
+  local t=$1 conf pid reqs u0 s0 u1 s1 v0 v1 i00 i10 i01 i11 c0 c1 g0 g1
   if [ "$t" = nginx ] || [ "$t" = nginx-headers ]; then
     conf=$work/proxy.conf
     [ "$t" = nginx ] || conf=$work/proxy-headers.conf
@@ -81,16 +88,22 @@ measure() {  # target
   read -r u0 s0 < <(cpu_ticks "$pid")
   v0=$(sleeps "$pid")
   read -r i00 i10 < <(idle_ticks)
+  c0=$(switches)
+  g0=$(segments)
   taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" http://127.0.0.1:18402/ >"$work/wrk.out"
   read -r u1 s1 < <(cpu_ticks "$pid")
   v1=$(sleeps "$pid")
   read -r i01 i11 < <(idle_ticks)
+  c1=$(switches)
+  g1=$(segments)
   reqs=$(awk '/requests in/ {print $1}' "$work/wrk.out")
   awk -v n="$(basename "$t")" -v r="$reqs" -v d="$DUR" -v u=$((u1 - u0)) -v s=$((s1 - s0)) \
-      -v v=$((v1 - v0)) -v i0=$((i01 - i00)) -v i1=$((i11 - i10)) \
+      -v v=$((v1 - v0)) -v i0=$((i01 - i00)) -v i1=$((i11 - i10)) -v c=$((c1 - c0)) -v g=$((g1 - g0)) \
       -v hz="$(getconf CLK_TCK)" 'BEGIN {
     printf "%-14s %9.0f req/s   user %5.2f us/req   sys %5.2f us/req   sleeps %6.0f/s   idle cpu0 %4.1f%% cpu1 %4.1f%%\n",
-      n, r / d, u * 1e6 / hz / r, s * 1e6 / hz / r, v / d, i0 * 100 / hz / d, i1 * 100 / hz / d }'
+      n, r / d, u * 1e6 / hz / r, s * 1e6 / hz / r, v / d, i0 * 100 / hz / d, i1 * 100 / hz / d
+    printf "%-14s busy cpu0 %5.2f us/req   cpu1 %5.2f us/req   context switches %5.3f/req   TCP segments %5.3f/req\n",
+      "", (d * hz - i0) * 1e6 / hz / r, (d * hz - i1) * 1e6 / hz / r, c / r, g / r }'
   if [ "$SYSCALLS" != 0 ]; then
     taskset -c 0 wrk -t1 -c"$CONNS" -d"${DUR}s" http://127.0.0.1:18402/ >"$work/wrk.out" &
     local w=$!
