@@ -17,7 +17,8 @@
 # per second, how idle each CPU was, and per request: each CPU's busy time (all its work:
 # the proxy on CPU 1; wrk, the backend and the loopback deliveries they send on CPU 0), the
 # context switches of the whole machine and the TCP segments sent. When both CPUs are busy
-# nearly all the time, the throughput is CPU 0's busy time per request, not the proxy's.
+# nearly all the time, the throughput is what the two allow together, not the proxy's CPU
+# time alone.
 # BIN defaults to the release build. Needs nginx, wrk and curl.
 set -euo pipefail
 
